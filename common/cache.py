@@ -1,0 +1,211 @@
+"""The site-local, model-ready cache: format, manifest, and the torch Dataset over it.
+
+Layout of a cache directory::
+
+    cache.json          settings it was prepared with (size, fraction, normalisation)
+    manifest.csv        one row per scan (pseudonymous ids, label, split, geometry)
+    scans/<scan_id>.npy uint8 (selected slices, size, size), memory-mappable
+    qa.json, qa.html    the quality report
+    .salt               the site's pseudonym salt (never leaves the site)
+
+Every file is written to a temporary name and renamed, so an interrupted ``prepare`` never
+leaves a half-written scan or manifest behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.classes import GLOBAL_CLASSES
+from common.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+CACHE_VERSION = 1
+SPLITS = ("train", "tune", "test")
+MANIFEST_FIELDS = (
+    "scan_id",
+    "patient_id",
+    "label",
+    "global_class",
+    "class_index",
+    "split",
+    "n_slices_total",
+    "n_slices_selected",
+    "selected_start",
+    "spacing_z_mm",
+    "spacing_y_mm",
+    "spacing_x_mm",
+    "thickness_mm",
+    "manufacturer",
+    "format",
+    "severity",
+    "warnings",
+)
+
+
+class CacheError(RuntimeError):
+    """A cache directory is missing, incomplete, or was prepared with other settings."""
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` and rename it over ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, newline="" if "b" not in mode else None) as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def scan_path(cache_dir: Path, scan_id: str) -> Path:
+    return Path(cache_dir) / "scans" / f"{scan_id}.npy"
+
+
+def write_scan(cache_dir: Path, scan_id: str, pixels: np.ndarray) -> None:
+    """Store one scan's uint8 (S, H, W) slices."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3:
+        raise ValueError(f"cache pixels must be uint8 (S, H, W), got {pixels.dtype} {pixels.shape}")
+    with atomic_open(scan_path(cache_dir, scan_id), "wb") as handle:
+        np.save(handle, pixels)
+
+
+def write_settings(cache_dir: Path, settings: dict[str, Any]) -> None:
+    with atomic_open(Path(cache_dir) / "cache.json") as handle:
+        json.dump({"version": CACHE_VERSION, **settings}, handle, indent=2, sort_keys=True)
+
+
+def read_settings(cache_dir: Path) -> dict[str, Any] | None:
+    """The settings a cache was prepared with, or None for a directory that is no cache yet."""
+    path = Path(cache_dir) / "cache.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{path}: unreadable cache settings ({exc})") from exc
+
+
+def write_manifest(cache_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with atomic_open(Path(cache_dir) / "manifest.csv") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        for row in sorted(rows, key=lambda r: r["scan_id"]):
+            writer.writerow({key: row.get(key, "") for key in MANIFEST_FIELDS})
+
+
+def read_manifest(cache_dir: Path) -> list[dict[str, str]]:
+    path = Path(cache_dir) / "manifest.csv"
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError as exc:
+        raise CacheError(f"{path}: no manifest; run `fedct prepare` on this site first") from exc
+    missing = set(MANIFEST_FIELDS) - set(rows[0] if rows else MANIFEST_FIELDS)
+    if missing:
+        raise CacheError(f"{path}: manifest lacks columns {sorted(missing)}")
+    return rows
+
+
+class ScanItem(NamedTuple):
+    pixels: torch.Tensor  # (S, 3, H, W) float32, ImageNet-normalised
+    label: int
+    scan_id: str
+    patient_id: str
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # (B, S_max, 3, H, W)
+    mask: torch.Tensor  # (B, S_max) bool, True for real slices
+    y: torch.Tensor  # (B,) long
+    scan_ids: list[str]
+    patient_ids: list[str]
+
+
+def to_model_input(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (S, H, W) cache pixels → float32 (S, 3, H, W) ImageNet-normalised."""
+    grey = torch.from_numpy(np.array(pixels, dtype=np.uint8)).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (grey.unsqueeze(1) - mean) / std
+
+
+class CacheDataset(Dataset[ScanItem]):
+    """The labelled scans of one cache, optionally restricted to some splits."""
+
+    def __init__(self, cache_dir: Path, splits: Sequence[str] | None = None) -> None:
+        self.cache_dir = Path(cache_dir)
+        unknown = set(splits or ()) - set(SPLITS)
+        if unknown:
+            raise CacheError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+        self.rows = [
+            row
+            for row in read_manifest(self.cache_dir)
+            if int(row["class_index"]) >= 0 and (splits is None or row["split"] in splits)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> ScanItem:
+        row = self.rows[index]
+        path = scan_path(self.cache_dir, row["scan_id"])
+        try:
+            pixels = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{path}: unreadable cached scan ({exc})") from exc
+        return ScanItem(
+            to_model_input(pixels), int(row["class_index"]), row["scan_id"], row["patient_id"]
+        )
+
+    def labels(self) -> np.ndarray:
+        return np.array([int(row["class_index"]) for row in self.rows], dtype=np.int64)
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(self.labels(), minlength=len(GLOBAL_CLASSES)).tolist()
+
+
+def pad_collate(items: Sequence[ScanItem]) -> Batch:
+    """Stack scans of different slice counts, zero-padding to the longest, with a mask."""
+    longest = max(item.pixels.shape[0] for item in items)
+    _, channels, height, width = items[0].pixels.shape
+    x = torch.zeros(len(items), longest, channels, height, width)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, item in enumerate(items):
+        n = item.pixels.shape[0]
+        x[i, :n] = item.pixels
+        mask[i, :n] = True
+    y = torch.tensor([item.label for item in items], dtype=torch.long)
+    return Batch(x, mask, y, [item.scan_id for item in items], [item.patient_id for item in items])
+
+
+def make_loader(
+    dataset: Dataset[ScanItem],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader[ScanItem]:
+    """A DataLoader yielding :class:`Batch`; shuffling is seeded for reproducible rounds."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=pad_collate,
+    )

@@ -1,0 +1,38 @@
+"""The ``fedct`` command: subcommands are registered as ``fedct.commands`` entry points.
+
+Each entry point names a module with ``add_arguments(parser)`` and ``run(args) -> int`` and
+a module docstring whose first line is the help text.  Only the module of the command being
+run is imported, so ``common`` needs no import of ``client`` or ``server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+from importlib.metadata import entry_points
+
+
+def _commands() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group="fedct.commands")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = _commands()
+    parser = argparse.ArgumentParser(prog="fedct", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in commands else None
+    for name in sorted(commands):
+        if chosen is None or name == chosen:
+            module = import_module(commands[name])
+            summary = (module.__doc__ or name).strip().splitlines()[0]
+            module.add_arguments(sub.add_parser(name, help=summary, description=summary))
+        else:
+            sub.add_parser(name)
+    args = parser.parse_args(argv)
+    return import_module(commands[args.command]).run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""What every reader hands to ``prepare``: scans that load only the slices asked for.
+
+A reader walks an input folder and yields :class:`Scan` objects (ready to select slices
+from) and :class:`Rejection` objects (inputs it could not use, each with one reason code).
+Readers never raise on bad input: a bad file becomes a rejection and the walk goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+# The fixed vocabulary of rejection reasons (documented in docs/ingestion.md).
+REASONS: dict[str, str] = {
+    "not-dicom": "not a DICOM file (and not another supported format)",
+    "corrupt": "the file is damaged or truncated and cannot be parsed",
+    "no-pixel-data": "the DICOM object has no image pixels (report, DICOMDIR, SR...)",
+    "not-ct": "the series is not CT (Modality is not CT)",
+    "localizer": "a localizer / scout image, not an axial series",
+    "not-axial": "the slices are not axial (ImageOrientationPatient)",
+    "not-selected": "another series of the same study was chosen (see the series rule)",
+    "too-few-slices": "fewer slices than the configured minimum",
+    "inconsistent-geometry": "slices disagree in size, orientation or spacing, or repeat positions",
+    "unsupported-transfer-syntax": "compressed with a codec that no installed plugin decodes",
+    "missing-label": "no label for this scan in labels.csv",
+    "unknown-label": "the label is not in the label map",
+    "unreadable-image": "an image file (NIfTI, PNG, JPEG) cannot be decoded",
+}
+
+Intensity = Literal["hu", "display"]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input that was not used: where it is (relative to the input root) and why."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {self.reason!r}")
+
+
+@dataclass
+class Scan:
+    """One axial scan, its metadata read, its pixels loaded on demand.
+
+    ``load(start, stop)`` returns float32 ``(stop - start, rows, cols)`` in slice order
+    (ascending position along the slice normal).  ``intensity`` says whether the values are
+    Hounsfield units (DICOM, NIfTI) or already windowed display values 0..255 (PNG/JPEG).
+    Identifiers (patient, study, series) are raw and must never be written out in clear:
+    ``prepare`` replaces them with salted hashes.
+    """
+
+    source: str  # path of the scan (file or folder) relative to the input root
+    patient_key: str
+    study_key: str
+    series_key: str
+    n_slices: int
+    spacing_mm: tuple[float, float, float]  # (z, y, x)
+    thickness_mm: float | None
+    manufacturer: str
+    format: str  # dicom | nifti | png
+    intensity: Intensity
+    load: Callable[[int, int], np.ndarray]
+    label: str | None = None  # a label found in the layout itself (MosMed CT-k, CC-CCII class)
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. {"severity": "CT-2"}
+    instance_uids: tuple[str, ...] = ()  # DICOM SOPInstanceUIDs in slice order (inspect only)
+    warnings: tuple[str, ...] = ()  # QA notes, e.g. "irregular-spacing", "duplicate-position"
+
+
+class ScanLoadError(RuntimeError):
+    """Raised by ``Scan.load`` when pixels turn out unusable; ``prepare`` makes it a rejection."""
+
+    def __init__(self, path: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"{path}: {reason} {detail}".strip())
+        self.rejection = Rejection(path, reason, detail)
+
+
+ReaderItem = Scan | Rejection
+Reader = Callable[..., Iterator[ReaderItem]]

@@ -1,0 +1,261 @@
+"""``fedct prepare``: a site's raw scans → a de-identified, model-ready cache + QA report.
+
+Steps: read headers (no pixels), label every scan, reject what cannot be used (each with one
+reason code), decode only the middle slices, normalise, resize, write one uint8 file per
+scan, then the manifest with patient-level splits and the QA report.  Rejected inputs never
+stop the run; re-running on the same cache reuses what is there and keeps earlier scans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from common.cache import (
+    CacheError,
+    read_manifest,
+    read_settings,
+    scan_path,
+    write_manifest,
+    write_scan,
+    write_settings,
+)
+from common.classes import GLOBAL_CLASSES, LabelMapError, load_label_map, to_global
+from common.ingest.base import Rejection, Scan, ScanLoadError
+from common.ingest.discover import FORMATS, read_input
+from common.labels import LabelsError, LabelTable
+from common.normalize import parse_normalization, to_cache_pixels
+from common.pseudonym import load_or_create_salt, pseudonym
+from common.qa import build_qa, print_summary, write_qa
+from common.selection import middle_slices
+from common.splits import assign_splits, parse_fractions
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    size: int = 512
+    fraction: float = 0.5
+    normalize: str = "ai-corona"
+    min_slices: int = 10
+    splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    format: str = "auto"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """The settings that change cached pixels: a cache is only extended with equal ones."""
+        return {"size": self.size, "fraction": self.fraction, "normalize": self.normalize}
+
+
+@dataclass
+class PrepareResult:
+    rows: list[dict[str, Any]]
+    rejections: list[Rejection]
+    reused: int
+    seconds: float
+
+
+# Set in the parent before forking workers, so scans (with their open readers) need no pickling.
+_PENDING: list[tuple[Scan, dict[str, Any]]] = []
+_JOB: dict[str, Any] = {}
+
+
+def _convert(index: int) -> dict[str, Any] | Rejection:
+    scan, row = _PENDING[index]
+    start, stop = row["selected_start"], row["selected_start"] + row["n_slices_selected"]
+    try:
+        hu = scan.load(start, stop)
+        pixels = to_cache_pixels(hu, _JOB["norm"], scan.intensity, _JOB["size"])
+    except ScanLoadError as exc:
+        return exc.rejection
+    write_scan(_JOB["cache"], row["scan_id"], pixels)
+    return row
+
+
+def _row_for(
+    scan: Scan, label: str | None, global_class: str | None, salt: bytes, cfg: PrepareConfig
+) -> dict[str, Any]:
+    start, stop = middle_slices(scan.n_slices, cfg.fraction)
+    z, y, x = scan.spacing_mm
+    return {
+        "scan_id": pseudonym(salt, "scan", scan.study_key, scan.series_key),
+        "patient_id": pseudonym(salt, "patient", scan.patient_key),
+        "label": label or "",
+        "global_class": global_class or "",
+        "class_index": GLOBAL_CLASSES.index(global_class) if global_class else -1,
+        "n_slices_total": scan.n_slices,
+        "n_slices_selected": stop - start,
+        "selected_start": start,
+        "spacing_z_mm": _fmt(z),
+        "spacing_y_mm": _fmt(y),
+        "spacing_x_mm": _fmt(x),
+        "thickness_mm": _fmt(scan.thickness_mm),
+        "manufacturer": scan.manufacturer,
+        "format": scan.format,
+        "severity": scan.extra.get("severity", ""),
+        "warnings": ";".join(scan.warnings),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None or value != value else f"{value:.4g}"
+
+
+def prepare(
+    input_dir: Path,
+    cache_dir: Path,
+    cfg: PrepareConfig,
+    *,
+    labels: Path | None = None,
+    label_map: Path | None = None,
+    progress: bool = True,
+) -> PrepareResult:
+    """Prepare ``input_dir`` into ``cache_dir``; raises only for unusable arguments or cache."""
+    began = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    norm = parse_normalization(cfg.normalize)
+    mapping = load_label_map(label_map)
+    table = LabelTable.load(labels) if labels else None
+    previous = read_settings(cache_dir)
+    if previous is not None:
+        mismatch = {
+            k: (previous.get(k), v) for k, v in cfg.cache_settings().items() if previous.get(k) != v
+        }
+        if mismatch:
+            raise CacheError(
+                f"{cache_dir}: prepared with other settings "
+                + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatch.items())
+                + "; use a new --out folder"
+            )
+    has_manifest = (cache_dir / "manifest.csv").exists()
+    existing = {row["scan_id"]: row for row in read_manifest(cache_dir)} if has_manifest else {}
+    salt = load_or_create_salt(cache_dir)
+    write_settings(cache_dir, cfg.cache_settings())
+
+    rejections: list[Rejection] = []
+    pending: list[tuple[Scan, dict[str, Any]]] = []
+    rows: dict[str, dict[str, Any]] = dict(existing)
+    reused = 0
+    for item in read_input(Path(input_dir), cfg.format, progress=progress):
+        if isinstance(item, Rejection):
+            rejections.append(item)
+            continue
+        label = table.label_of(item) if table else item.label
+        global_class = to_global(label, mapping) if label else None
+        if table is not None and label is None:
+            rejections.append(Rejection(item.source, "missing-label"))
+            continue
+        if label is not None and global_class is None:
+            rejections.append(Rejection(item.source, "unknown-label", f"label {label!r}"))
+            continue
+        if item.n_slices < cfg.min_slices:
+            rejections.append(
+                Rejection(item.source, "too-few-slices", f"{item.n_slices} < {cfg.min_slices}")
+            )
+            continue
+        row = _row_for(item, label, global_class, salt, cfg)
+        if row["scan_id"] in existing and scan_path(cache_dir, row["scan_id"]).exists():
+            rows[row["scan_id"]] = {**existing[row["scan_id"]], **row}
+            reused += 1
+        else:
+            pending.append((item, row))
+
+    _PENDING[:] = pending
+    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size)
+    try:
+        for result in _run_conversions(len(pending), cfg.workers, progress):
+            if isinstance(result, Rejection):
+                rejections.append(result)
+            else:
+                rows[result["scan_id"]] = result
+    finally:
+        _PENDING.clear()
+
+    ordered = sorted(rows.values(), key=lambda r: r["scan_id"])
+    splits = assign_splits(
+        [r["patient_id"] for r in ordered],
+        [int(r["class_index"]) for r in ordered],
+        cfg.splits,
+        cfg.seed,
+    )
+    for row, split in zip(ordered, splits, strict=True):
+        row["split"] = split
+    write_manifest(cache_dir, ordered)
+    seconds = time.perf_counter() - began
+    write_qa(cache_dir, build_qa(ordered, rejections, salt, cfg, seconds))
+    return PrepareResult(ordered, rejections, reused, seconds)
+
+
+def _run_conversions(count: int, workers: int, progress: bool):
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("decoding selected slices", total=count)
+        if workers <= 1 or count <= 1:
+            results = map(_convert, range(count))
+            for result in results:
+                bar.advance(task)
+                yield result
+            return
+        with multiprocessing.get_context("fork").Pool(min(workers, count)) as pool:
+            for result in pool.imap_unordered(_convert, range(count)):
+                bar.advance(task)
+                yield result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = PrepareConfig()
+    parser.add_argument("--input", required=True, type=Path, help="raw folder of one site")
+    parser.add_argument("--out", required=True, type=Path, help="cache folder to create/extend")
+    parser.add_argument("--labels", type=Path, help="labels.csv (label + series_uid/study_uid/…)")
+    parser.add_argument("--label-map", type=Path, help="TOML: site label = global class")
+    parser.add_argument("--format", choices=FORMATS, default=defaults.format)
+    parser.add_argument("--size", type=int, default=defaults.size, help="slice size in pixels")
+    parser.add_argument("--fraction", type=float, default=defaults.fraction)
+    parser.add_argument("--normalize", default=defaults.normalize)
+    parser.add_argument("--min-slices", type=int, default=defaults.min_slices)
+    parser.add_argument("--splits", default="0.7,0.15,0.15", help="train,tune,test fractions")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--strict", action="store_true", help="exit 1 on any rejected input")
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    return PrepareConfig(
+        size=args.size,
+        fraction=args.fraction,
+        normalize=args.normalize,
+        min_slices=args.min_slices,
+        splits=parse_fractions(args.splits),
+        seed=args.seed,
+        format=args.format,
+        workers=args.workers,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        parse_normalization(cfg.normalize)
+        result = prepare(args.input, args.out, cfg, labels=args.labels, label_map=args.label_map)
+    except (ValueError, FileNotFoundError, CacheError, LabelsError, LabelMapError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    print_summary(args.out, console)
+    usable = len(result.rows)
+    console.print(
+        f"prepared {usable} scans ({result.reused} reused), rejected {len(result.rejections)} "
+        f"inputs in {result.seconds:.1f} s → {args.out}"
+    )
+    if usable == 0 or (args.strict and result.rejections):
+        return 1
+    return 0

@@ -1,0 +1,69 @@
+"""Cache files, manifest, Dataset and the padding collate."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.cache import (
+    CacheDataset,
+    CacheError,
+    make_loader,
+    pad_collate,
+    read_manifest,
+    write_manifest,
+    write_scan,
+)
+
+
+def _tiny_cache(root: Path, slice_counts=(3, 5, 2), classes=(0, 2, 1)) -> Path:
+    rows = []
+    for i, (n, cls) in enumerate(zip(slice_counts, classes, strict=True)):
+        write_scan(root, f"s{i}", np.full((n, 16, 16), 10 * i, dtype=np.uint8))
+        split = "train" if i < 2 else "test"
+        rows.append({"scan_id": f"s{i}", "patient_id": f"p{i}", "class_index": cls, "split": split})
+    write_manifest(root, rows)
+    return root
+
+
+def test_dataset_items_and_splits(tmp_path: Path) -> None:
+    cache = _tiny_cache(tmp_path)
+    assert len(CacheDataset(cache)) == 3
+    train = CacheDataset(cache, splits=["train"])
+    assert len(train) == 2 and train.class_counts() == [1, 0, 1]
+    item = train[1]
+    assert item.pixels.shape == (5, 3, 16, 16) and item.label == 2 and item.scan_id == "s1"
+    assert not torch.equal(item.pixels[:, 0], item.pixels[:, 1])  # per-channel ImageNet stats
+
+
+def test_collate_pads_with_a_mask(tmp_path: Path) -> None:
+    dataset = CacheDataset(_tiny_cache(tmp_path))
+    batch = pad_collate([dataset[i] for i in range(3)])
+    assert batch.x.shape == (3, 5, 3, 16, 16)
+    assert batch.mask.sum(dim=1).tolist() == [3, 5, 2]
+    assert torch.all(batch.x[0, 3:] == 0) and batch.y.tolist() == [0, 2, 1]
+    torch.testing.assert_close(batch.x[2, :2], dataset[2].pixels)
+
+
+def test_loader_shuffle_is_seeded(tmp_path: Path) -> None:
+    dataset = CacheDataset(_tiny_cache(tmp_path))
+    order = [[b.scan_ids for b in make_loader(dataset, 1, shuffle=True, seed=s)] for s in (3, 3)]
+    assert order[0] == order[1]
+
+
+def test_missing_or_damaged_cache_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="manifest.csv: no manifest"):
+        CacheDataset(tmp_path)
+    cache = _tiny_cache(tmp_path)
+    (cache / "scans" / "s0.npy").write_bytes(b"garbage")
+    with pytest.raises(CacheError, match="s0.npy"):
+        CacheDataset(cache)[0]
+    with pytest.raises(CacheError, match="unknown split"):
+        CacheDataset(cache, splits=["validation"])
+
+
+def test_manifest_is_sorted_and_complete(tmp_path: Path) -> None:
+    rows = read_manifest(_tiny_cache(tmp_path))
+    assert [r["scan_id"] for r in rows] == ["s0", "s1", "s2"]
+    assert rows[0]["warnings"] == ""
