@@ -8,9 +8,19 @@ run is imported, so ``common`` needs no import of ``client`` or ``server``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from importlib import import_module
 from importlib.metadata import entry_points
+
+DESCRIPTION = "fedct: federated COVID-19 chest-CT classification across hospitals"
+
+
+def _summary(module: object, name: str) -> str:
+    """The first docstring line, without a leading ``fedct NAME``: label."""
+    first = (getattr(module, "__doc__", None) or name).strip().splitlines()[0]
+    first = re.sub(r"^``fedct [^`]*``:\s*", "", first)
+    return first[:1].upper() + first[1:]
 
 
 def _commands() -> dict[str, str]:
@@ -20,13 +30,13 @@ def _commands() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = _commands()
-    parser = argparse.ArgumentParser(prog="fedct", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fedct", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in commands else None
     for name in sorted(commands):
         if chosen is None or name == chosen:
             module = import_module(commands[name])
-            summary = (module.__doc__ or name).strip().splitlines()[0]
+            summary = _summary(module, name)
             module.add_arguments(sub.add_parser(name, help=summary, description=summary))
         else:
             sub.add_parser(name)

@@ -107,6 +107,11 @@ def _row_for(
     }
 
 
+def _is_file(path: Path, other: Path | None) -> bool:
+    """Whether ``path`` is ``other`` (the labels file kept inside the input folder)."""
+    return other is not None and path.exists() and path.resolve() == Path(other).resolve()
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None or value != value else f"{value:.4g}"
 
@@ -148,7 +153,8 @@ def prepare(
     reused = 0
     for item in read_input(Path(input_dir), cfg.format, progress=progress):
         if isinstance(item, Rejection):
-            rejections.append(item)
+            if not _is_file(Path(input_dir) / item.path, labels):
+                rejections.append(item)
             continue
         label = table.label_of(item) if table else item.label
         global_class = to_global(label, mapping) if label else None

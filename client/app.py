@@ -1,0 +1,42 @@
+"""The hospital's Flower ClientApp (Message API): ``train`` and ``evaluate`` handlers.
+
+The site is taken from the node config (``data-path``, ``site``, optional ``device``) or, in
+simulation, from ``partition-id`` and the run config's ``site-caches``: see
+:mod:`client.site_data`.  Replies carry one ArrayRecord (train only), one MetricRecord whose
+keys are the same at every site, and a ``site`` ConfigRecord with the site's name.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local import evaluate_site, train_site
+from client.site_data import Site, resolve_site
+
+app = ClientApp()
+
+
+def _reply(
+    message: Message, site: Site, metrics: MetricRecord, arrays: ArrayRecord | None = None
+) -> Message:
+    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received global model on this site's train split."""
+    site = resolve_site(context.node_config, context.run_config)
+    arrays, metrics = train_site(site, message.content["arrays"], message.content["config"])
+    return _reply(message, site, metrics, arrays)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the received global model on this site's tune and test splits."""
+    site = resolve_site(context.node_config, context.run_config)
+    metrics = evaluate_site(site, message.content["arrays"], message.content["config"])
+    return _reply(message, site, metrics)

@@ -1,0 +1,505 @@
+"""Evaluate a model checkpoint on a cache or raw folder: predictions, metrics with CIs, report.
+
+The model is rebuilt from its card and its weights' sha256 checked (common/checkpoint_io.py).
+A raw folder is prepared into a temporary cache with the size, slice fraction and
+normalisation the model was trained with.  The COVID-19 operating point is never chosen on
+the data being reported: it is the card's, else chosen on ``--tune-data``, else a fixed 0.5
+marked as not tuned.  Writes predictions.csv, metrics.json and report.html (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from common import html
+from common.bootstrap import full_report, roc_band
+from common.cache import (
+    CacheDataset,
+    CacheError,
+    atomic_open,
+    make_loader,
+    read_manifest,
+    read_settings,
+    scan_path,
+    to_model_input,
+)
+from common.cam import class_activation_maps, overlay
+from common.checkpoint_io import (
+    PREPARE_KEYS,
+    CheckpointLoadError,
+    LoadedModel,
+    jsonable,
+    load_checkpoint,
+    operating_point_from_card,
+    prepare_settings_from_card,
+)
+from common.classes import COVID_INDEX, GLOBAL_CLASSES, LabelMapError
+from common.device import DeviceError, pick_device
+from common.ingest.discover import FORMATS
+from common.labels import LabelsError
+from common.metrics import calibration_bins, roc_curve_points
+from common.model import SliceClassifier
+from common.operating_point import OperatingPoint, choose_operating_point
+from common.prepare import PrepareConfig, prepare
+from common.training import EvalResult, evaluate
+
+console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole
+UNTUNED = "fixed 0.5, not tuned"
+PROB_FIELDS = tuple(f"p_{name}" for name in GLOBAL_CLASSES)
+PREDICTION_FIELDS = (
+    "scan_id",
+    "patient_id",
+    "split",
+    "label",
+    *PROB_FIELDS,
+    "predicted_class",
+    "called_covid19",
+)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The cache being reported and how it came to be."""
+
+    cache_dir: Path
+    kind: str  # "cache" or "raw folder"
+    settings: dict[str, Any]
+    rejected: dict[str, int]  # raw inputs prepare could not use, by reason
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="round_NNN.safetensors or card")
+    parser.add_argument("--data", required=True, type=Path, help="prepared cache or raw folder")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the three outputs")
+    parser.add_argument("--labels", type=Path, help="raw folder only: labels.csv")
+    parser.add_argument("--label-map", type=Path, help="raw folder only: TOML site label map")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="raw folder only")
+    parser.add_argument("--splits", help="cache splits to report, e.g. test (default: all)")
+    parser.add_argument(
+        "--tune-data", type=Path, help="cache to choose the operating point on (its tune split)"
+    )
+    parser.add_argument("--rule", choices=("sens_at_spec", "youden"), default="sens_at_spec")
+    parser.add_argument("--min-specificity", type=float, default=0.95)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--slice-chunk", type=int, help="slices per forward pass (memory)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cams", type=int, default=3, help="CAM overlays of correct/wrong scans")
+    parser.add_argument("--workers", type=int, default=PrepareConfig().workers)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _evaluate(args)
+    except (
+        CheckpointLoadError,
+        CacheError,
+        LabelMapError,
+        LabelsError,
+        DeviceError,
+        OSError,
+        ValueError,
+    ) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if args.batch_size < 1 or args.n_boot < 1 or args.cams < 0:
+        raise ValueError("--batch-size and --n-boot must be at least 1, --cams at least 0")
+    loaded = load_checkpoint(args.model, slice_chunk=args.slice_chunk)
+    device = pick_device(args.device)
+    splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
+    tuning = _tuning_set(args.tune_data) if args.tune_data else None
+    notes: list[str] = []
+    with _cache_for(args, loaded, notes) as data:
+        dataset = CacheDataset(data.cache_dir, splits)
+        if len(dataset) == 0:
+            raise ValueError(f"{args.data}: no labelled scans in split(s) {args.splits or 'any'}")
+        op, op_source = _operating_point(loaded, tuning, dataset, args, device, notes)
+        loader = make_loader(dataset, args.batch_size)
+        result = evaluate(loaded.model, loader, device, progress=True)
+        cams = _cam_figures(loaded.model, data.cache_dir, result, op, args.cams, notes)
+        counts = _data_counts(data, dataset, splits)
+    report = {
+        "model": {
+            "card": loaded.card_path.name,
+            "checkpoint": loaded.weights_path.name,
+            "sha256": loaded.sha256,
+            "round": loaded.round,
+            "model_config": asdict(loaded.config),
+        },
+        "data": {
+            "name": args.data.resolve().name,
+            "kind": data.kind,
+            "splits": splits or "all",
+            **counts,
+        },
+        "operating_point_source": op_source,
+        "loss": result.loss,
+        **full_report(
+            result.labels, result.probs, result.patient_ids, op, n_boot=args.n_boot, seed=args.seed
+        ),
+        "curves": _curves(result, args.n_boot, args.seed),
+        "notes": notes,
+        "device": str(device),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    report = jsonable(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_predictions(args.out / "predictions.csv", dataset.rows, result, op)
+    with atomic_open(args.out / "metrics.json") as handle:
+        json.dump(report, handle, indent=2, allow_nan=False)
+        handle.write("\n")
+    with atomic_open(args.out / "report.html") as handle:
+        handle.write(_render(report, cams))
+    _print_summary(report, args.out)
+    return 0
+
+
+@contextmanager
+def _cache_for(
+    args: argparse.Namespace, loaded: LoadedModel, notes: list[str]
+) -> Iterator[EvalData]:
+    """The cache to report: ``--data`` itself, or a temporary cache prepared from it."""
+    settings, missing = prepare_settings_from_card(loaded.card, loaded.card_path)
+    if missing:
+        notes.append(
+            f"the model card's run config lacks {', '.join(PREPARE_KEYS[m] for m in missing)}; "
+            f"PrepareConfig defaults assumed: {_settings_text(settings, missing)}"
+        )
+    data = Path(args.data)
+    if (data / "manifest.csv").is_file():
+        if args.labels or args.label_map or args.format != "auto":
+            raise ValueError(
+                f"{data}: is a prepared cache; --labels, --label-map and --format apply to raw "
+                "folders only"
+            )
+        cached = read_settings(data) or {}
+        differ = [k for k in settings if k not in missing and cached.get(k) != settings[k]]
+        if differ:
+            notes.append(
+                f"{data.resolve().name} was prepared with {_settings_text(cached, differ)} but "
+                f"the model was trained with {_settings_text(settings, differ)}"
+            )
+        yield EvalData(data, "cache", {k: cached.get(k) for k in settings}, {})
+        return
+    cfg = PrepareConfig(
+        **settings, splits=(0.0, 0.0, 1.0), format=args.format, workers=args.workers
+    )
+    with tempfile.TemporaryDirectory(prefix="fedct-evaluate-") as tmp:
+        prepared = prepare(
+            data, Path(tmp), cfg, labels=args.labels, label_map=args.label_map, progress=True
+        )
+        rejected = dict(Counter(r.reason for r in prepared.rejections))
+        if rejected:
+            notes.append(f"{sum(rejected.values())} raw inputs could not be used: {rejected}")
+        yield EvalData(Path(tmp), "raw folder", settings, rejected)
+
+
+def _settings_text(settings: dict[str, Any], names: Sequence[str]) -> str:
+    return ", ".join(f"{name}={settings.get(name)!r}" for name in names)
+
+
+def _tuning_set(cache: Path) -> tuple[CacheDataset, str]:
+    """The tune split of ``cache``, or all of it when it has none."""
+    name = cache.resolve().name
+    tune = CacheDataset(cache, ["tune"])
+    if len(tune):
+        return tune, f"tune split of {name} ({len(tune)} scans)"
+    everything = CacheDataset(cache)
+    if not len(everything):
+        raise ValueError(f"{cache}: no labelled scans to choose the operating point on")
+    return everything, f"all of {name} ({len(everything)} scans, it has no tune split)"
+
+
+def _operating_point(
+    loaded: LoadedModel,
+    tuning: tuple[CacheDataset, str] | None,
+    reported: CacheDataset,
+    args: argparse.Namespace,
+    device: torch.device,
+    notes: list[str],
+) -> tuple[OperatingPoint, str]:
+    """The card's operating point, else one chosen on the tuning set, else a fixed 0.5."""
+    stored = operating_point_from_card(loaded.card, loaded.card_path)
+    if stored is not None:
+        if tuning is not None:
+            notes.append("--tune-data was not used: the model card stores an operating point")
+        return stored, f"model card {loaded.card_path.name}"
+    if tuning is None:
+        notes.append(
+            f"operating point: {UNTUNED} (the card stores none and no --tune-data was given); "
+            "sensitivity, specificity and the other threshold metrics use an arbitrary threshold"
+        )
+        return OperatingPoint(0.5, "fixed", UNTUNED, math.nan, math.nan), UNTUNED
+    dataset, chosen_on = tuning
+    shared = {r["scan_id"] for r in dataset.rows} & {r["scan_id"] for r in reported.rows}
+    if shared:
+        raise ValueError(
+            f"{args.tune_data}: {len(shared)} scans of the tuning data are also being reported; "
+            "choose the operating point on other data (e.g. --splits test with the same cache)"
+        )
+    tuned = evaluate(loaded.model, make_loader(dataset, args.batch_size), device, progress=True)
+    op = choose_operating_point(
+        tuned.labels,
+        tuned.probs,
+        args.rule,
+        min_specificity=args.min_specificity,
+        chosen_on=chosen_on,
+    )
+    return op, "--tune-data"
+
+
+def _data_counts(data: EvalData, dataset: CacheDataset, splits: list[str] | None) -> dict[str, Any]:
+    in_splits = [r for r in read_manifest(data.cache_dir) if splits is None or r["split"] in splits]
+    per_class = Counter(r["global_class"] for r in dataset.rows)
+    return {
+        "scans_per_class": {name: per_class.get(name, 0) for name in GLOBAL_CLASSES},
+        "unlabelled_scans_skipped": sum(int(r["class_index"]) < 0 for r in in_splits),
+        "rejected_inputs": data.rejected,
+        "cache_settings": data.settings,
+    }
+
+
+def _curves(result: EvalResult, n_boot: int, seed: int) -> dict[str, Any]:
+    """The ROC curve with its bootstrap band (absent without both classes) and calibration."""
+    positive = result.labels == COVID_INDEX
+    roc = None
+    if positive.any() and not positive.all():
+        fpr, tpr, thresholds = roc_curve_points(result.labels, result.probs)
+        band = roc_band(result.labels, result.probs, result.patient_ids, n_boot=n_boot, seed=seed)
+        roc = {"fpr": fpr, "tpr": tpr, "thresholds": thresholds, "band": band}
+    return {"roc": roc, "calibration": calibration_bins(result.labels, result.probs)}
+
+
+def _write_predictions(
+    path: Path, rows: list[dict[str, str]], result: EvalResult, op: OperatingPoint
+) -> None:
+    split_of = {r["scan_id"]: r["split"] for r in rows}
+    called = op.predict_covid(result.probs)
+    with atomic_open(path) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PREDICTION_FIELDS)
+        for i, scan_id in enumerate(result.scan_ids):
+            writer.writerow(
+                [
+                    scan_id,
+                    result.patient_ids[i],
+                    split_of[scan_id],
+                    GLOBAL_CLASSES[result.labels[i]],
+                    *(f"{p:.6f}" for p in result.probs[i]),
+                    GLOBAL_CLASSES[int(result.probs[i].argmax())],
+                    int(called[i]),
+                ]
+            )
+
+
+def _cam_figures(
+    model: SliceClassifier,
+    cache_dir: Path,
+    result: EvalResult,
+    op: OperatingPoint,
+    count: int,
+    notes: list[str],
+) -> dict[str, list[str]]:
+    """COVID-19 CAM overlays of the ``count`` most confidently correct and wrong scans (by the
+    decision at the operating point), each on the slice with the most evidence."""
+    score = result.probs[:, COVID_INDEX]
+    called = op.predict_covid(result.probs)
+    correct = called == (result.labels == COVID_INDEX)
+    order = np.argsort(-np.abs(score - op.threshold), kind="stable")
+    chosen = {
+        "correct": [i for i in order if correct[i]][:count],
+        "wrong": [i for i in order if not correct[i]][:count],
+    }
+    figures: dict[str, list[str]] = {"correct": [], "wrong": []}
+    for kind, indices in chosen.items():
+        for i in indices:
+            scan_id = result.scan_ids[i]
+            pixels = np.load(scan_path(cache_dir, scan_id))
+            try:
+                cam = class_activation_maps(model, to_model_input(pixels), COVID_INDEX)
+            except ValueError as exc:  # a backbone without spatial feature maps
+                notes.append(f"no CAM overlays: {exc}")
+                return {"correct": [], "wrong": []}
+            best = int(cam.reshape(len(cam), -1).mean(axis=1).argmax())
+            caption = (
+                f"{scan_id}: {GLOBAL_CLASSES[result.labels[i]]}, p(COVID-19) {score[i]:.3f}, "
+                f"called {'COVID-19' if called[i] else 'not COVID-19'}; "
+                f"slice {best + 1} of {len(cam)}"
+            )
+            image = html.png_img(overlay(pixels[best], cam[best]), f"CAM of scan {scan_id}")
+            figures[kind].append(html.figure(image, caption))
+    return figures
+
+
+def _ci_text(entry: dict[str, Any] | None) -> str:
+    if entry is None or entry["value"] is None:
+        return html.ABSENT
+    low, high = entry["ci"]
+    interval = "" if low is None else f" (95% CI {low:.3f}–{high:.3f})"
+    return f"{entry['value']:.3f}{interval}"
+
+
+def _render(report: dict[str, Any], cams: dict[str, list[str]]) -> str:
+    metrics = report["metrics"]
+    op = report["operating_point"]
+    data = report["data"]
+    parts = [
+        html.table(
+            ["", ""],
+            [
+                ["model card", f"{report['model']['card']} (round {report['model']['round']})"],
+                ["weights sha256", report["model"]["sha256"]],
+                ["data", f"{data['name']} ({data['kind']}, splits: {_splits_text(data)})"],
+                ["scans / patients", f"{report['n_scans']} / {report['n_patients']}"],
+                ["operating point", _op_text(op, report["operating_point_source"])],
+            ],
+        ),
+        *(html.paragraph(note, warning=True) for note in report["notes"]),
+        html.section("ROC curve: COVID-19 vs rest", _roc(report)),
+        html.section(
+            "Metrics with patient-bootstrap 95% CIs",
+            html.table(
+                ["metric", "value", "CI low", "CI high", "resamples"],
+                [
+                    [key, e["value"], e["ci"][0], e["ci"][1], e["n_valid"]]
+                    for key, e in metrics.items()
+                    if not isinstance(e["value"], list)
+                ],
+            ),
+        ),
+        html.section("Per class", _per_class(report)),
+        html.section(
+            "Confusion matrices",
+            html.heatmap_table(
+                GLOBAL_CLASSES,
+                GLOBAL_CLASSES,
+                metrics["confusion_3x3"]["value"],
+                corner="true ↓ / predicted (argmax) →",
+                digits=0,
+            ),
+            html.heatmap_table(
+                ["other", "covid19"],
+                ["called other", "called covid19"],
+                metrics["confusion_2x2"]["value"],
+                corner=f"true ↓ / at threshold {op['threshold']:.4g} →",
+                digits=0,
+            ),
+        ),
+        html.section("Calibration of p(COVID-19)", _calibration(report)),
+        html.section(
+            "Class activation maps (COVID-19)",
+            html.paragraph("Most confidently correct scans, by the decision at the threshold:"),
+            *(cams["correct"] or [html.paragraph("none")]),
+            html.paragraph("Most confidently wrong scans:"),
+            *(cams["wrong"] or [html.paragraph("none")]),
+        ),
+    ]
+    return html.page(f"fedct evaluation: {data['name']}", parts)
+
+
+def _splits_text(data: dict[str, Any]) -> str:
+    splits = data["splits"]
+    return splits if isinstance(splits, str) else ", ".join(splits)
+
+
+def _op_text(op: dict[str, Any], source: str) -> str:
+    if source == UNTUNED:
+        return f"threshold {op['threshold']:g}: {UNTUNED}"
+    return (
+        f"threshold {op['threshold']:.4g} ({op['rule']}), chosen on {op['chosen_on']}; "
+        f"from {source}"
+    )
+
+
+def _roc(report: dict[str, Any]) -> str:
+    roc = report["curves"]["roc"]
+    if roc is None:
+        return html.paragraph("No ROC curve: the data lacks COVID-19 or other scans.")
+    metrics = report["metrics"]
+    point = (
+        None if metrics["spec_covid"]["value"] is None else 1.0 - metrics["spec_covid"]["value"],
+        metrics["sens_covid"]["value"],
+        f"threshold {report['operating_point']['threshold']:.3g}",
+    )
+    band = roc["band"]
+    return html.roc_chart(
+        roc["fpr"],
+        roc["tpr"],
+        title=f"AUC {_ci_text(metrics['auc_covid'])}",
+        band=(band["fpr"], band["tpr_low"], band["tpr_high"]),
+        point=point,
+    )
+
+
+def _per_class(report: dict[str, Any]) -> str:
+    confusion = np.array(report["metrics"]["confusion_3x3"]["value"], dtype=float)
+    rows = []
+    for k, name in enumerate(GLOBAL_CLASSES):
+        truth, predicted = confusion[k].sum(), confusion[:, k].sum()
+        rows.append(
+            [
+                name,
+                report["data"]["scans_per_class"][name],
+                report["patients_per_class"][name],
+                _ci_text(report["metrics"].get(f"auc_ovr_{name}")),
+                confusion[k, k] / truth if truth else None,
+                confusion[k, k] / predicted if predicted else None,
+            ]
+        )
+    return html.table(
+        [
+            "class",
+            "scans",
+            "patients (by most severe scan)",
+            "AUC one-vs-rest",
+            "recall (argmax)",
+            "precision (argmax)",
+        ],
+        rows,
+    )
+
+
+def _calibration(report: dict[str, Any]) -> str:
+    bins = report["curves"]["calibration"]
+    return html.reliability_chart(
+        bins["mean_predicted"],
+        bins["fraction_covid"],
+        bins["count"],
+        title="Reliability of p(COVID-19), 10 equal-width bins",
+        x_label="mean predicted p(COVID-19)",
+        y_label="fraction COVID-19",
+    )
+
+
+def _print_summary(report: dict[str, Any], out: Path) -> None:
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    metrics = report["metrics"]
+    console.print(
+        f"{report['n_scans']} scans of {report['n_patients']} patients: "
+        f"AUC {_ci_text(metrics['auc_covid'])}, sensitivity {_ci_text(metrics['sens_covid'])}, "
+        f"specificity {_ci_text(metrics['spec_covid'])} at threshold "
+        f"{report['operating_point']['threshold']:.4g} ({report['operating_point_source']})"
+    )
+    console.print(f"wrote predictions.csv, metrics.json and report.html to {out}")

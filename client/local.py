@@ -1,0 +1,149 @@
+"""What a hospital does with a global model: train it on its ``train`` split, or score it on
+the splits the coordinator asks for.  Below the Flower handlers, so tests call them directly.
+
+Only aggregate numbers leave the site: weights, scan counts and metrics.  Logs name the site,
+never a scan or a patient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common import log
+
+from client.fedbn import local_bn_path, restore_local_bn, save_local_bn
+from client.site_data import Site
+from common.cache import CacheDataset, make_loader
+from common.classes import GLOBAL_CLASSES
+from common.metrics import summarize
+from common.model import (
+    ModelConfig,
+    SliceClassifier,
+    build_model,
+    load_travelling_state,
+    travelling_state,
+)
+from common.training import TrainConfig, evaluate, train_local
+
+TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class SiteDataError(ValueError):
+    """The site has no scans for what the coordinator asked."""
+
+
+def _model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceClassifier:
+    """The global model as this site uses it: built from the coordinator's model config and
+    seed, loaded with ``arrays``, and under FedBN with the site's own BatchNorm entries."""
+    cfg = ModelConfig(**json.loads(str(config["model-config"])))
+    # The full state arrives from the coordinator; only a frozen backbone (not sent) must be
+    # built from pretrained weights, which each site holds itself.
+    weights = (site.pretrained_weights or cfg.pretrained_weights) if cfg.freeze_backbone else None
+    cfg = replace(cfg, pretrained_weights=str(weights) if weights else None)
+    torch.manual_seed(int(config["seed"]))
+    model = build_model(cfg)
+    load_travelling_state(model, arrays.to_torch_state_dict(), cfg)
+    if bool(config["fedbn"]):
+        restore_local_bn(model, local_bn_path(site.state_dir, str(config["run-key"])))
+    return model
+
+
+def outgoing_arrays(model: SliceClassifier, transport: str) -> ArrayRecord:
+    """The model's travelling state, floating-point entries in the ``transport`` dtype."""
+    dtype = TRANSPORT_DTYPES[transport]
+    state = travelling_state(model, model.cfg)
+    return ArrayRecord({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+
+
+def train_site(
+    site: Site, arrays: ArrayRecord, config: ConfigRecord
+) -> tuple[ArrayRecord, MetricRecord]:
+    """Train the global model on the site's ``train`` split; (new arrays, metrics).
+
+    ``num-examples`` is the number of training scans, the FedAvg weight.
+    """
+    server_round = int(config["server-round"])
+    model = _model_for(site, config, arrays)
+    data = CacheDataset(site.cache_dir, ["train"])
+    if len(data) == 0:
+        raise SiteDataError(f"site {site.name} has no training scans")
+    train_cfg = TrainConfig(
+        local_epochs=int(config["local-epochs"]),
+        lr=float(config["lr"]),
+        batch_size=int(config["batch-size"]),
+        optimizer=str(config["optimizer"]),  # type: ignore[arg-type]
+        weight_decay=float(config["weight-decay"]),
+        class_weighting=str(config["class-weighting"]),  # type: ignore[arg-type]
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        device=site.device,
+        seed=int(config["seed"]) + server_round,
+    )
+    loader = make_loader(data, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed)
+    log(INFO, "site %s round %d: training on %d scans", site.name, server_round, len(data))
+    result = train_local(model, loader, train_cfg, class_counts=data.class_counts())
+    if bool(config["fedbn"]):
+        save_local_bn(model, local_bn_path(site.state_dir, str(config["run-key"])))
+    log(
+        INFO,
+        "site %s round %d: %d epoch(s) in %.1f s, loss %.4f, accuracy %.3f",
+        site.name,
+        server_round,
+        train_cfg.local_epochs,
+        result.seconds,
+        result.loss,
+        result.accuracy,
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data),
+            "train-loss": result.loss,
+            "train-accuracy": result.accuracy,
+            "train-seconds": result.seconds,
+        }
+    )
+    return outgoing_arrays(model, str(config["transport-dtype"])), metrics
+
+
+def _split_metrics(
+    model: SliceClassifier, site: Site, split: str, batch_size: int
+) -> dict[str, float]:
+    data = CacheDataset(site.cache_dir, [split])
+    if len(data) == 0:
+        # Same keys as every other site, so that the coordinator can aggregate the replies.
+        summary = summarize(np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))))
+        loss = math.nan
+    else:
+        result = evaluate(model, make_loader(data, batch_size), site.device)
+        summary = summarize(result.labels, result.probs)
+        loss = result.loss
+    return {f"{split}-{key}": value for key, value in {**summary, "loss": loss}.items()}
+
+
+def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord:
+    """Score the global model on the splits in ``config["splits"]`` (e.g. ``"tune,test"``).
+
+    Keys ``<split>-<metric>`` for loss, auc_covid, sens_covid, spec_covid, accuracy and n, the
+    same at every site (NaN where a site lacks a class or the split);  ``num-examples`` is
+    the number of scans scored.
+    """
+    model = _model_for(site, config, arrays)
+    splits = [s.strip() for s in str(config["splits"]).split(",") if s.strip()]
+    metrics: dict[str, float] = {}
+    for split in splits:
+        metrics.update(_split_metrics(model, site, split, int(config["batch-size"])))
+    scored = int(sum(metrics[f"{split}-n"] for split in splits))
+    log(
+        INFO,
+        "site %s round %s: evaluated %d scans (%s)",
+        site.name,
+        config["server-round"],
+        scored,
+        ", ".join(f"{s} AUC {metrics[f'{s}-auc_covid']:.3f}" for s in splits),
+    )
+    return MetricRecord({**metrics, "num-examples": scored})

@@ -1,0 +1,70 @@
+"""The coordinator's Flower ServerApp: settings from the run config, a fresh or resumed run,
+then the rounds of :mod:`server.rounds`.  See docs/federated.md."""
+
+from __future__ import annotations
+
+from logging import INFO
+
+from flwr.app import Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from server.central_eval import CentralEvaluator
+from server.checkpoints import RunDirectory
+from server.global_model import GlobalModel
+from server.rounds import Federation
+from server.settings import ServerSettings
+from server.strategies import build_strategy, restore_strategy_state
+
+app = ServerApp()
+
+
+def _open_run(
+    settings: ServerSettings, run_dir: RunDirectory, model: GlobalModel, strategy: Strategy
+) -> tuple[str, int]:
+    """(run key, first round): a new run starts at round 0 (the initial model); a resumed
+    one loads the last checkpoint's weights and optimiser state and goes on after it."""
+    if settings.resume_from is None:
+        return run_dir.claim(), 0
+    checkpoint = run_dir.load_latest()
+    model.load_full_state(checkpoint.arrays)
+    restore_strategy_state(strategy, checkpoint.strategy_state)
+    log(INFO, "resuming %s after round %d", run_dir.path, checkpoint.round)
+    return run_dir.run_key(), checkpoint.round + 1
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the federation described by the run config."""
+    settings = ServerSettings.from_run_config(context.run_config)
+    model = GlobalModel(settings.model, settings.seed)
+    strategy = build_strategy(
+        settings.strategy,
+        fraction_train=settings.fraction_train,
+        min_train_nodes=settings.min_train_nodes,
+        min_available_nodes=settings.min_available_nodes,
+        proximal_mu=settings.training.proximal_mu,
+        server_lr=settings.server_lr,
+        client_lr=settings.training.lr,
+        statistics_keys=model.statistics_keys(),
+    )
+    run_dir = RunDirectory(settings.run_dir)
+    run_key, first_round = _open_run(settings, run_dir, model, strategy)
+    run_dir.write_json(
+        "run_config.json",
+        {"run_key": run_key, "first_round": first_round, "run_config": dict(context.run_config)},
+    )
+    log(INFO, "run directory: %s", run_dir.path)
+    evaluator = CentralEvaluator(
+        model,
+        settings.external_caches,
+        batch_size=settings.training.batch_size,
+        device=settings.device,
+    )
+    federation = Federation(
+        grid, strategy, settings, run_dir, model, evaluator, context.run_config, run_key
+    )
+    if first_round > settings.num_rounds:
+        log(INFO, "all %d rounds are done; raise num-server-rounds to go on", settings.num_rounds)
+    federation.run(model.arrays(), first_round)

@@ -1,0 +1,161 @@
+"""``fedct train``: the centralized and single-site baselines of a federated run.
+
+Same model, same settings and the same number of epochs as the federated run described by
+the run config (``num-server-rounds`` × ``local-epochs``), written in the same run-directory
+format (a checkpoint, model card and metrics line per "round" of ``local-epochs`` epochs,
+central evaluation on the external caches every round, round 0 included), so that
+federated results can be read against them.
+
+- ``--mode centralized``: all sites' train splits pooled in one place (the upper bound a
+  federation tries to approach, and what data-sharing rules forbid in practice);
+- ``--mode local --site NAME``: one hospital alone on its own data.
+
+The tune/test metrics of each round are computed on the pooled tune/test splits of the sites
+used (``federated`` in metrics.jsonl, as for a federated run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from torch.utils.data import ConcatDataset
+
+from common.cache import CacheDataset, CacheError, make_loader
+from common.classes import GLOBAL_CLASSES
+from common.metrics import summarize
+from common.training import evaluate, train_local
+from server.central_eval import CentralEvaluator
+from server.checkpoints import RunDirectory
+from server.global_model import GlobalModel
+from server.settings import ServerSettings, SettingsError, app_defaults
+from server.simulate import SimulateError, build_run_config, round_table
+
+console = Console(stderr=True)
+MODES = ("centralized", "local")
+
+
+def _pooled(caches: list[Path], split: str) -> ConcatDataset:
+    return ConcatDataset([CacheDataset(cache, [split]) for cache in caches])
+
+
+def _split_metrics(
+    model: GlobalModel, caches: list[Path], split: str, settings: ServerSettings
+) -> dict[str, float]:
+    data = _pooled(caches, split)
+    if len(data) == 0:
+        summary = summarize(np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))))
+        return {f"{split}-{k}": v for k, v in {**summary, "loss": float("nan")}.items()}
+    result = evaluate(model.model, make_loader(data, settings.training.batch_size), settings.device)
+    summary = {**summarize(result.labels, result.probs), "loss": result.loss}
+    return {f"{split}-{k}": v for k, v in summary.items()}
+
+
+def select_caches(site_caches: list[Path], mode: str, site: str | None) -> list[Path]:
+    """All site caches (centralized) or the one named ``site`` (by folder name or index)."""
+    if mode == "centralized":
+        return site_caches
+    if site is None:
+        raise SettingsError("--mode local needs --site NAME (a site cache's folder name)")
+    for index, cache in enumerate(site_caches):
+        if site in (cache.name, str(index)):
+            return [cache]
+    names = ", ".join(cache.name for cache in site_caches)
+    raise SettingsError(f"--site {site!r} is none of the site caches ({names})")
+
+
+def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> RunDirectory:
+    """Train and record a baseline run; returns its run directory."""
+    run_config = {**app_defaults(), **overrides}
+    settings = ServerSettings.from_run_config(run_config)
+    caches = select_caches(
+        [Path(p) for p in str(run_config["site-caches"]).split(",") if p], mode, site
+    )
+    train = _pooled(caches, "train")
+    if len(train) == 0:
+        raise SettingsError(f"no training scans in {', '.join(map(str, caches))}")
+    counts = np.sum([CacheDataset(c, ["train"]).class_counts() for c in caches], axis=0)
+    model = GlobalModel(settings.model, settings.seed)
+    evaluator = CentralEvaluator(
+        model,
+        settings.external_caches,
+        batch_size=settings.training.batch_size,
+        device=settings.device,
+    )
+    run_dir = RunDirectory(settings.run_dir)
+    run_key = run_dir.claim()
+    run_dir.write_json(
+        "run_config.json",
+        {
+            "run_key": run_key,
+            "mode": mode,
+            "sites": [c.name for c in caches],
+            "run_config": run_config,
+        },  # fmt: skip
+    )
+    training = settings.training
+    for server_round in range(settings.num_rounds + 1):
+        started = time.monotonic()
+        train_metrics: dict[str, Any] = {}
+        if server_round > 0:
+            cfg = replace(training, seed=settings.seed + server_round)
+            loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+            result = train_local(model.model, loader, cfg, class_counts=counts.tolist())
+            train_metrics = {
+                "train-loss": result.loss,
+                "train-accuracy": result.accuracy,
+                "train-seconds": result.seconds,
+            }
+        model.model.eval()
+        federated = {
+            **_split_metrics(model, caches, "tune", settings),
+            **_split_metrics(model, caches, "test", settings),
+        }
+        central = evaluator()
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        card = {
+            "created": created,
+            "strategy": mode,
+            "classes": list(GLOBAL_CLASSES),
+            "model_config": asdict(settings.model),
+            "run_config": run_config,
+            "train": train_metrics,
+            "central_evaluation": central,
+        }
+        line = {
+            "time": created,
+            "seconds": round(time.monotonic() - started, 3),
+            "sites": {c.name: len(CacheDataset(c, ["train"])) for c in caches},
+            "train": train_metrics,
+            "federated": federated,
+            "central": central,
+        }
+        run_dir.save_round(server_round, model.full_state(), card, line, {})
+        metric = settings.best_metric
+        run_dir.update_best(server_round, metric, federated.get(metric, central.get(metric)))
+    return run_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--site", help="with --mode local: the site cache's folder name or index")
+    parser.add_argument("--config", type=Path, help="TOML of run-config keys (as fedct simulate)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        overrides = build_run_config(args.config, args.set)
+        run_dir = train_baseline(overrides, args.mode, args.site)
+    except (SimulateError, SettingsError, CacheError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    Console().print(round_table(run_dir.metrics()))
+    console.print(f"{args.mode} baseline written to {run_dir.path}")
+    return 0

@@ -1,0 +1,50 @@
+"""Central evaluation of the global model on external caches held by the coordinator.
+
+Every scan of each external cache is scored (its splits do not matter here).  Metrics per
+set, named ``<set>-<metric>``: ``auc_covid`` (COVID-19 vs rest; a binary normal-vs-COVID-19
+set such as MosMedData maps onto it), ``sens_covid`` and ``spec_covid`` at a COVID-19
+probability of 0.5, ``accuracy`` (3-class), ``loss`` (cross entropy) and ``n``.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+
+from flwr.common import log
+
+from common.cache import CacheDataset, make_loader
+from common.metrics import summarize
+from common.training import evaluate
+from server.global_model import GlobalModel
+
+
+class CentralEvaluator:
+    """Scores the global model on named external caches; no caches, no metrics."""
+
+    def __init__(
+        self, model: GlobalModel, caches: dict[str, Path], *, batch_size: int, device: str
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.loaders = {
+            name: make_loader(CacheDataset(path), batch_size) for name, path in caches.items()
+        }
+
+    def __call__(self) -> dict[str, float]:
+        """Score the global model's current weights on every external set."""
+        metrics: dict[str, float] = {}
+        for name, loader in self.loaders.items():
+            result = evaluate(self.model.model, loader, self.device)
+            summary = summarize(result.labels, result.probs)
+            metrics.update({f"{name}-{key}": value for key, value in summary.items()})
+            metrics[f"{name}-loss"] = result.loss
+            log(
+                INFO,
+                "central evaluation %s: %d scans, loss %.4f, AUC %.3f",
+                name,
+                result.num_examples,
+                result.loss,
+                summary["auc_covid"],
+            )
+        return metrics

@@ -1,0 +1,203 @@
+"""The federated rounds: a Flower strategy's hooks, driven by fedct's own loop.
+
+Flower 1.41's ``Strategy.start`` always runs rounds 1..N, so it cannot resume at round k+1.
+This loop calls the same four hooks (configure/aggregate train, configure/aggregate
+evaluate) with the real round numbers and adds what ``start`` lacks: a deadline for nodes to
+connect, a minimum of successful train replies, weights that travel in ``transport-dtype``
+but are aggregated in the model's own dtypes, and a checkpoint + model card every round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, UserConfig
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.classes import GLOBAL_CLASSES
+from server.arrays import cast_floating, conform, dtypes_of, payload_bytes, transport_dtype
+from server.central_eval import CentralEvaluator
+from server.checkpoints import RunDirectory
+from server.global_model import GlobalModel
+from server.robust import shortfall, split_replies, wait_for_nodes
+from server.settings import ServerSettings
+from server.strategies import WEIGHT_KEY, strategy_state
+
+
+def site_name(reply: Message) -> str:
+    """The site a reply came from: its ``site`` ConfigRecord, else its node id."""
+    record = reply.content.config_records.get("site")
+    return str(record["name"]) if record else f"node-{reply.metadata.src_node_id}"
+
+
+def reply_metrics(reply: Message) -> dict[str, Any]:
+    """The one MetricRecord of a successful reply, as a dict."""
+    return dict(next(iter(reply.content.metric_records.values())))
+
+
+def _failures(failed: list[Message], sent: int, received: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [
+        {"node_id": reply.metadata.src_node_id, "reason": reply.error.reason} for reply in failed
+    ]
+    if received < sent:
+        out.append({"node_id": None, "reason": f"{sent - received} node(s) sent no reply in time"})
+    return out
+
+
+class Federation:
+    """Runs rounds of ``strategy`` over ``grid`` and records each in ``run_dir``."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: FedAvg,
+        settings: ServerSettings,
+        run_dir: RunDirectory,
+        model: GlobalModel,
+        evaluator: CentralEvaluator,
+        run_config: UserConfig,
+        run_key: str,
+    ) -> None:
+        self.grid = grid
+        self.strategy = strategy
+        self.settings = settings
+        self.run_dir = run_dir
+        self.model = model
+        self.evaluator = evaluator
+        self.run_config = dict(run_config)
+        self.run_key = run_key
+        self.dtypes = dtypes_of(model.arrays())
+        self.transport = transport_dtype(settings.transport_dtype)
+
+    def run(self, arrays: ArrayRecord, first_round: int) -> ArrayRecord:
+        """Rounds ``first_round`` .. ``num_rounds`` from ``arrays``; round 0 is the initial
+        model, evaluated centrally and checkpointed.  Returns the final global arrays."""
+        if first_round == 0:
+            self._record(0, arrays, {}, {}, time.monotonic())
+            first_round = 1
+        for server_round in range(first_round, self.settings.num_rounds + 1):
+            started = time.monotonic()
+            log(INFO, "[ROUND %d/%d]", server_round, self.settings.num_rounds)
+            wait_for_nodes(self.grid, self.settings.min_nodes, self.settings.node_wait_timeout)
+            arrays, train = self._train(server_round, arrays)
+            evaluation = self._evaluate(server_round, arrays)
+            self._record(server_round, arrays, train, evaluation, started)
+        return arrays
+
+    def _exchange(self, messages: Iterable[Message]) -> tuple[list[Message], int, int]:
+        """Send ``messages`` with their arrays in the transport dtype.
+
+        Returns the replies, the number of messages sent and the bytes of arrays sent.
+        """
+        messages = list(messages)
+        key = self.strategy.arrayrecord_key
+        cast: dict[int, ArrayRecord] = {}
+        sent_bytes = 0
+        for message in messages:
+            record = message.content[key]
+            if id(record) not in cast:
+                cast[id(record)] = cast_floating(record, self.transport)
+            message.content[key] = cast[id(record)]
+            sent_bytes += payload_bytes(cast[id(record)])
+        replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        return replies, len(messages), sent_bytes
+
+    def _train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
+        config = self.settings.train_config(self.run_key)
+        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+        replies, sent, down_bytes = self._exchange(messages)
+        ok, failed = split_replies(replies)
+        participants = []
+        for reply in ok:
+            (key, record), *_ = reply.content.array_records.items()
+            metrics = reply_metrics(reply)
+            participants.append(
+                {
+                    "site": site_name(reply),
+                    "node_id": reply.metadata.src_node_id,
+                    "num-examples": metrics.get(WEIGHT_KEY),
+                    "upload-bytes": payload_bytes(record),
+                    "metrics": metrics,
+                }
+            )
+            reply.content[key] = conform(record, self.dtypes)
+        reason = shortfall(len(ok), sent, self.settings.min_train_replies)
+        aggregated: dict[str, Any] = {}
+        if reason is not None:
+            log(WARNING, "round %d: %s", server_round, reason)
+        else:
+            new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = conform(new_arrays, self.dtypes)
+            aggregated = dict(metrics or {})
+        return arrays, {
+            "participants": participants,
+            "failures": _failures(failed, sent, len(replies)),
+            "kept_previous_model": reason,
+            "aggregated": aggregated,
+            "download-bytes": down_bytes,
+            "upload-bytes": sum(p["upload-bytes"] for p in participants),
+        }
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        config = self.settings.evaluate_config(self.run_key)
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
+        replies, sent, _ = self._exchange(messages)
+        ok, failed = split_replies(replies)
+        aggregated = self.strategy.aggregate_evaluate(server_round, replies)
+        return {
+            "sites": [{"site": site_name(reply), "metrics": reply_metrics(reply)} for reply in ok],
+            "failures": _failures(failed, sent, len(replies)),
+            "aggregated": dict(aggregated or {}),
+        }
+
+    def _record(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        train: dict[str, Any],
+        evaluation: dict[str, Any],
+        started: float,
+    ) -> None:
+        """Central evaluation, then the checkpoint, card, metrics line and pointers."""
+        self.model.load_arrays(arrays)
+        central = self.evaluator()
+        card = {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "strategy": self.settings.strategy,
+            "transport_dtype": self.settings.transport_dtype,
+            "classes": list(GLOBAL_CLASSES),
+            "model_config": asdict(self.model.cfg),
+            "run_config": self.run_config,
+            "train": train,
+            "federated_evaluation": evaluation,
+            "central_evaluation": central,
+        }
+        federated = evaluation.get("aggregated", {})
+        line = {
+            "time": card["created"],
+            "seconds": round(time.monotonic() - started, 3),
+            "sites": {p["site"]: p["num-examples"] for p in train.get("participants", [])},
+            "failures": len(train.get("failures", [])),
+            "kept_previous_model": train.get("kept_previous_model"),
+            "download-bytes": train.get("download-bytes", 0),
+            "upload-bytes": train.get("upload-bytes", 0),
+            "train": train.get("aggregated", {}),
+            "federated": federated,
+            "central": central,
+        }
+        self.run_dir.save_round(
+            server_round, self.model.full_state(), card, line, strategy_state(self.strategy)
+        )
+        metric = self.settings.best_metric
+        value = federated.get(metric, central.get(metric))
+        if self.run_dir.update_best(server_round, metric, value):
+            log(INFO, "round %d is the best so far by %s = %.4f", server_round, metric, value)
+        log(INFO, "round %d checkpointed in %s", server_round, self.run_dir.path)

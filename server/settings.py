@@ -1,0 +1,192 @@
+"""The coordinator's settings, read from the run config (``[tool.flwr.app.config]``).
+
+Every key has its default in pyproject.toml; Flower merges ``--run-config`` overrides into
+those, so a missing key means the app's pyproject.toml is older than this code.  Relative
+paths are resolved against the working directory of the ServerApp process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, UserConfig
+
+from common.model import ModelConfig
+from common.training import TrainConfig
+from server.arrays import TRANSPORT_DTYPES
+from server.strategies import STRATEGIES
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def app_defaults() -> dict[str, Any]:
+    """The run-config defaults of the app's ``[tool.flwr.app.config]``."""
+    with open(PYPROJECT, "rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+class SettingsError(ValueError):
+    """The run config is incomplete or holds an invalid value."""
+
+
+def _get(run_config: UserConfig, key: str) -> Any:
+    try:
+        return run_config[key]
+    except KeyError as exc:
+        raise SettingsError(
+            f"run config lacks {key!r}: is [tool.flwr.app.config] in pyproject.toml up to date?"
+        ) from exc
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser().resolve()
+
+
+def parse_external_caches(text: str) -> dict[str, Path]:
+    """``"name=path, path2"`` → {name: path}; an entry without a name is named after its folder."""
+    caches: dict[str, Path] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, sep, path = entry.partition("=")
+        if not sep:
+            name, path = Path(entry).name, entry
+        name = name.strip()
+        if not name or name in caches:
+            raise SettingsError(f"external-caches: empty or repeated name in {entry!r}")
+        caches[name] = _path(path.strip())
+    return caches
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    num_rounds: int
+    strategy: str
+    fraction_train: float
+    min_train_nodes: int
+    min_train_replies: int
+    min_available_nodes: int
+    node_wait_timeout: float
+    round_timeout: float
+    training: TrainConfig
+    server_lr: float
+    model: ModelConfig
+    transport_dtype: str
+    external_caches: dict[str, Path]
+    run_dir: Path
+    resume_from: Path | None
+    best_metric: str
+    seed: int
+    device: str
+
+    @classmethod
+    def from_run_config(cls, run_config: UserConfig) -> ServerSettings:
+        """Parse and check the run config; raises :class:`SettingsError`."""
+
+        def get(key: str) -> Any:
+            return _get(run_config, key)
+
+        try:
+            weights = str(get("pretrained-weights")).strip()
+            model = ModelConfig(
+                backbone=str(get("backbone")),
+                pool=str(get("pool")),  # type: ignore[arg-type]
+                norm=str(get("norm")),  # type: ignore[arg-type]
+                freeze_backbone=bool(get("freeze-backbone")),
+                pretrained_weights=str(_path(weights)) if weights else None,
+            )
+            # Checked here, so that a typo stops the run instead of failing at every site.
+            training = TrainConfig(
+                local_epochs=int(get("local-epochs")),
+                lr=float(get("lr")),
+                batch_size=int(get("batch-size")),
+                optimizer=str(get("optimizer")),  # type: ignore[arg-type]
+                weight_decay=float(get("weight-decay")),
+                class_weighting=str(get("class-weighting")),  # type: ignore[arg-type]
+                proximal_mu=float(get("proximal-mu")),
+            )
+        except ValueError as exc:
+            raise SettingsError(f"invalid run config: {exc}") from exc
+        resume = str(get("resume-from")).strip()
+        run_dir = str(get("run-dir")).strip() or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        settings = cls(
+            num_rounds=int(get("num-server-rounds")),
+            strategy=str(get("strategy")).strip().lower(),
+            fraction_train=float(get("fraction-train")),
+            min_train_nodes=int(get("min-train-nodes")),
+            min_train_replies=int(get("min-train-replies")),
+            min_available_nodes=int(get("min-available-nodes")),
+            node_wait_timeout=float(get("node-wait-timeout")),
+            round_timeout=float(get("round-timeout")),
+            training=training,
+            server_lr=float(get("server-lr")),
+            model=model,
+            transport_dtype=str(get("transport-dtype")),
+            external_caches=parse_external_caches(str(get("external-caches"))),
+            run_dir=_path(resume or run_dir),
+            resume_from=_path(resume) if resume else None,
+            best_metric=str(get("best-metric")).strip(),
+            seed=int(get("seed")),
+            device=str(get("device")),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        problems = []
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if self.transport_dtype not in TRANSPORT_DTYPES:
+            problems.append(f"transport-dtype must be one of {', '.join(TRANSPORT_DTYPES)}")
+        if self.num_rounds < 1:
+            problems.append("num-server-rounds must be at least 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            problems.append("fraction-train must be in (0, 1]")
+        if min(self.min_train_nodes, self.min_train_replies, self.min_available_nodes) < 1:
+            problems.append("min-train-nodes, min-train-replies, min-available-nodes must be >= 1")
+        if self.min_train_replies > self.min_train_nodes:
+            problems.append("min-train-replies cannot exceed min-train-nodes")
+        if self.node_wait_timeout <= 0 or self.round_timeout <= 0:
+            problems.append("node-wait-timeout and round-timeout must be positive")
+        if self.strategy == "fedprox" and self.training.proximal_mu <= 0:
+            problems.append("fedprox needs a positive proximal-mu")
+        if problems:
+            raise SettingsError("invalid run config: " + "; ".join(problems))
+
+    @property
+    def min_nodes(self) -> int:
+        """Nodes that must be connected before a round starts."""
+        return max(self.min_available_nodes, self.min_train_nodes)
+
+    def _shared_config(self, run_key: str) -> dict[str, Any]:
+        return {
+            "model-config": json.dumps(asdict(self.model)),
+            "batch-size": self.training.batch_size,
+            "fedbn": self.strategy == "fedbn",
+            "run-key": run_key,
+            "seed": self.seed,
+            "transport-dtype": self.transport_dtype,
+        }
+
+    def train_config(self, run_key: str) -> ConfigRecord:
+        """What every train message carries (Flower adds ``server-round``, FedProx
+        ``proximal-mu``).  ``run_key`` names the run's site-side state (FedBN)."""
+        return ConfigRecord(
+            {
+                **self._shared_config(run_key),
+                "local-epochs": self.training.local_epochs,
+                "lr": self.training.lr,
+                "optimizer": self.training.optimizer,
+                "weight-decay": self.training.weight_decay,
+                "class-weighting": self.training.class_weighting,
+            }
+        )
+
+    def evaluate_config(self, run_key: str) -> ConfigRecord:
+        """What every evaluate message carries: the sites report on their tune and test splits."""
+        return ConfigRecord({**self._shared_config(run_key), "splits": "tune,test"})

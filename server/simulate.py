@@ -1,0 +1,333 @@
+"""Run a federated simulation: one simulated Flower SuperNode per site cache.
+
+A thin wrapper around ``flwr run APP local --stream``: it writes a private Flower home (its
+own config.toml with a ``:local:`` SuperLink connection, free ports), passes the run config
+(``--config`` TOML file of ``[tool.flwr.app.config]`` keys, then ``--set KEY=VALUE``) with
+every path made absolute, prints a per-round table of the run's metrics, and stops the
+background SuperLink, SuperExec and simulation processes that ``flwr run`` leaves behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from server.checkpoints import RunDirectory
+from server.settings import parse_external_caches
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PATH_KEYS = ("run-dir", "resume-from", "pretrained-weights")
+FLOWER_CONFIG = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+
+console = Console(stderr=True)
+
+
+class SimulateError(RuntimeError):
+    """The simulation cannot start: a config problem named in the message."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file of run-config keys, as in [tool.flwr.app.config] (site-caches, "
+        "external-caches, num-server-rounds, strategy, ...); relative paths are taken from "
+        "the current directory",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key (repeatable), e.g. --set strategy=fedbn",
+    )
+    parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated site")
+    parser.add_argument(
+        "--client-gpus",
+        type=float,
+        default=0.0,
+        help="GPU share per simulated site (0.5 lets two sites share one GPU; default 0)",
+    )
+    parser.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the Flower app directory")
+    parser.add_argument(
+        "--flwr-home",
+        type=Path,
+        help="keep Flower's state and logs here (default: a temporary directory, removed after)",
+    )
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``0.5``, ``true``, ``"x"``) or, failing that, the bare string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _absolute(text: str) -> str:
+    return str(Path(text).expanduser().resolve()) if text.strip() else ""
+
+
+def build_run_config(config: Path | None, assignments: list[str]) -> dict[str, Any]:
+    """Run-config overrides from the file and ``KEY=VALUE`` assignments, paths made absolute
+    (the ServerApp and ClientApps do not run in this directory).  ``run-dir`` defaults to
+    ``runs/<timestamp>`` here."""
+    overrides: dict[str, Any] = {}
+    if config is not None:
+        with open(config, "rb") as handle:
+            overrides.update(tomllib.load(handle))
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise SimulateError(f"--set {assignment!r}: expected KEY=VALUE")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return resolve_paths(overrides)
+
+
+def resolve_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Run-config overrides with every path absolute and ``run-dir`` defaulted."""
+    overrides = dict(overrides)
+    if not str(overrides.get("run-dir", "")).strip():
+        overrides["run-dir"] = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    for key in PATH_KEYS:
+        if key in overrides:
+            overrides[key] = _absolute(str(overrides[key]))
+    sites = [_absolute(p) for p in str(overrides.get("site-caches", "")).split(",") if p.strip()]
+    if not sites:
+        raise SimulateError("site-caches is empty: list one prepared cache per site")
+    overrides["site-caches"] = ",".join(sites)
+    external = parse_external_caches(str(overrides.get("external-caches", "")))
+    overrides["external-caches"] = ",".join(f"{name}={path}" for name, path in external.items())
+    return overrides
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def write_run_config(path: Path, overrides: dict[str, Any]) -> Path:
+    """A flat TOML file of run-config keys, as ``flwr run --run-config FILE.toml`` reads."""
+    path.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in overrides.items()))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for ``flwr run`` with a private Flower home and free local ports.
+
+    Runtime dependency installation is switched off: the app runs in this environment,
+    whose packages are already installed (otherwise each run calls ``uv sync``).
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(FLOWER_CONFIG)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid → (parent pid, session id, command line) of every process we can read (Linux)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), int(fields[3]), cmdline)
+    return table
+
+
+def local_flower_processes(flwr_home: Path) -> set[int]:
+    """The background SuperLink started for ``flwr_home`` and every process it spawned.
+
+    Its children start sessions of their own and Ray reparents its workers, so the family
+    is what descends from the SuperLink plus whatever shares a session with one of those.
+    """
+    table = _process_table()
+    marker = str(Path(flwr_home).resolve() / "local-superlink")
+    family = {
+        pid for pid, (_, _, cmd) in table.items() if "flower-superlink" in cmd and marker in cmd
+    }
+    while True:
+        sessions = {table[pid][1] for pid in family}
+        grown = family | {
+            pid for pid, (ppid, sid, _) in table.items() if ppid in family or sid in sessions
+        }
+        if grown == family:
+            return family
+        family = grown
+
+
+def stop_local_flower(flwr_home: Path, grace: float = 10.0) -> set[int]:
+    """Terminate (then kill) :func:`local_flower_processes`; returns the pids signalled."""
+    pids = local_flower_processes(flwr_home)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.2)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+@contextmanager
+def local_flower(flwr_home: Path | None) -> Iterator[tuple[Path, dict[str, str]]]:
+    """(Flower home, environment) for ``flwr run``; on exit its processes are stopped and a
+    temporary home removed."""
+    home = Path(flwr_home or tempfile.mkdtemp(prefix="fedct-flwr-")).resolve()
+    try:
+        yield home, flower_environment(home)
+    finally:
+        stopped = stop_local_flower(home)
+        if stopped:
+            console.print(f"stopped {len(stopped)} background Flower process(es)")
+        if flwr_home is None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def flwr_run_command(
+    app: Path, run_config_file: Path, num_supernodes: int, client_cpus: int, client_gpus: float
+) -> list[str]:
+    federation = (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+        f"client-resources-num-gpus={client_gpus}"
+    )
+    return [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(app),
+        "local",
+        "--stream",
+        "--run-config",
+        str(run_config_file),
+        "--federation-config",
+        federation,
+    ]
+
+
+def round_table(metrics: list[dict[str, Any]]) -> Table:
+    """Rows of metrics.jsonl: sites, train loss, tune AUC, and AUC/loss per external set."""
+    externals = sorted(
+        {
+            key.removesuffix("-auc_covid")
+            for line in metrics
+            for key in line.get("central", {})
+            if key.endswith("-auc_covid")
+        }
+    )
+    table = Table(title="federated rounds")
+    for column in ("round", "sites", "train loss", "tune AUC"):
+        table.add_column(column, justify="right")
+    for name in externals:
+        table.add_column(f"{name} AUC", justify="right")
+        table.add_column(f"{name} loss", justify="right")
+
+    def fmt(value: Any) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    for line in metrics:
+        kept = " (kept previous)" if line.get("kept_previous_model") else ""
+        row = [
+            str(line["round"]),
+            f"{len(line.get('sites', {}))}{kept}",
+            fmt(line.get("train", {}).get("train-loss")),
+            fmt(line.get("federated", {}).get("tune-auc_covid")),
+        ]
+        for name in externals:
+            central = line.get("central", {})
+            row += [fmt(central.get(f"{name}-auc_covid")), fmt(central.get(f"{name}-loss"))]
+        table.add_row(*row)
+    return table
+
+
+def simulate(
+    overrides: dict[str, Any],
+    *,
+    app: Path = PROJECT_ROOT,
+    flwr_home: Path | None = None,
+    client_cpus: int = 1,
+    client_gpus: float = 0.0,
+) -> int:
+    """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when every
+    round was checkpointed."""
+    run_dir = Path(overrides.get("resume-from") or overrides["run-dir"])
+    sites = overrides["site-caches"].split(",")
+    with local_flower(flwr_home) as (home, env):
+        run_config_file = write_run_config(home / "run-config.toml", overrides)
+        console.print(f"simulating {len(sites)} sites; run directory {run_dir}")
+        command = flwr_run_command(
+            app.resolve(), run_config_file, len(sites), client_cpus, client_gpus
+        )
+        returncode = subprocess.run(command, env=env, check=False).returncode
+    directory = RunDirectory(run_dir)
+    metrics = directory.metrics()
+    if metrics:
+        Console().print(round_table(metrics))
+    recorded = (directory.read_json("run_config.json") or {}).get("run_config", {})
+    wanted = int(recorded.get("num-server-rounds", 0))
+    finished = bool(metrics) and wanted > 0 and metrics[-1]["round"] >= wanted
+    if returncode != 0 or not finished:
+        console.print(f"[red]the run did not finish[/red]; see the log above and {run_dir}")
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Simulate one run; 0 when every round was checkpointed."""
+    try:
+        overrides = build_run_config(args.config, args.set)
+    except (SimulateError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    return simulate(
+        overrides,
+        app=args.app,
+        flwr_home=args.flwr_home,
+        client_cpus=args.client_cpus,
+        client_gpus=args.client_gpus,
+    )

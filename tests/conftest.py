@@ -1,0 +1,165 @@
+"""Shared fixtures of the federated tests: tiny site caches, a run config, a fake Grid."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.cache import write_manifest, write_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+# Bright slices for COVID-19, dark for normal, mid for pneumonia: learnable in a round or two.
+CLASS_LEVELS = {0: 40, 1: 120, 2: 210}
+
+
+def write_tiny_cache(
+    cache_dir: Path,
+    counts: dict[str, dict[int, int]],
+    *,
+    seed: int,
+    size: int = 32,
+    slices: int = 3,
+) -> Path:
+    """A cache with ``counts[split][class_index]`` scans of noisy class-coded slices."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, per_class in counts.items():
+        for class_index, n in per_class.items():
+            for i in range(n):
+                scan_id = f"{split}-{class_index}-{i}"
+                level = CLASS_LEVELS[class_index]
+                noise = rng.normal(0, 25, (slices, size, size))
+                write_scan(cache_dir, scan_id, np.clip(level + noise, 0, 255).astype(np.uint8))
+                rows.append(
+                    {
+                        "scan_id": scan_id,
+                        "patient_id": f"patient-{scan_id}",
+                        "class_index": class_index,
+                        "split": split,
+                    }
+                )
+    write_manifest(cache_dir, rows)
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
+def site_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two hospitals (the second without a tune split) and an external binary set."""
+    root = tmp_path_factory.mktemp("caches")
+    train = {0: 3, 1: 2, 2: 3}
+    return {
+        "site_a": write_tiny_cache(
+            root / "site_a", {"train": train, "tune": {0: 2, 2: 2}, "test": {0: 1, 2: 1}}, seed=1
+        ),
+        "site_b": write_tiny_cache(
+            root / "site_b", {"train": train, "test": {0: 1, 1: 1, 2: 1}}, seed=2
+        ),
+        "external": write_tiny_cache(root / "external", {"test": {0: 4, 2: 4}}, seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def app_defaults() -> dict[str, Any]:
+    """The run-config defaults of pyproject.toml."""
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+@pytest.fixture
+def run_config(
+    app_defaults: dict[str, Any], site_caches: dict[str, Path], tmp_path: Path
+) -> dict[str, Any]:
+    """Defaults made tiny: test_efficientnet, two sites, one external set, CPU."""
+    return {
+        **app_defaults,
+        "num-server-rounds": 2,
+        "backbone": "test_efficientnet",
+        "batch-size": 4,
+        "lr": 0.01,
+        "device": "cpu",
+        "site-caches": f"{site_caches['site_a']},{site_caches['site_b']}",
+        "external-caches": f"ext={site_caches['external']}",
+        "run-dir": str(tmp_path / "run"),
+        "node-wait-timeout": 5.0,
+    }
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let Flower build instruction messages outside a running Flower process."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid(Grid):
+    """Delivers messages to a ClientApp in-process, one node per site config.
+
+    A handler that raises becomes an error reply, as on a real SuperNode.
+    """
+
+    def __init__(self, app: Any, node_configs: list[dict[str, Any]], run_config: dict) -> None:
+        self.app = app
+        self.contexts = {
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config=config,
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for node_id, config in enumerate(node_configs, start=10)
+        }
+        self.sent: list[Message] = []
+
+    def set_run(self, run: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            try:
+                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as exc:  # any handler failure becomes an error reply
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc))
+                replies.append(Message(error, reply_to=message))
+        return replies
+
+
+@pytest.fixture
+def make_grid() -> Any:
+    """``make_grid(node_configs, run_config)``: a FakeGrid of the hospital ClientApp."""
+    from client.app import app  # lazily: only the federated tests need the ClientApp
+
+    def make(node_configs: list[dict[str, Any]], run_config: dict[str, Any]) -> FakeGrid:
+        return FakeGrid(app, node_configs, run_config)
+
+    return make

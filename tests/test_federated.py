@@ -1,0 +1,228 @@
+"""Hospital ClientApp functions, the ServerApp over an in-process grid, and one real
+``flwr run`` simulation with two sites."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, RecordDict
+from safetensors.numpy import load_file
+
+from client.fedbn import local_bn_path
+from client.local import evaluate_site, train_site
+from client.site_data import SiteConfigError, resolve_site
+from common.model import ModelConfig, bn_state_keys, build_model, travelling_state
+from server.app import main
+from server.robust import NodeWaitTimeout
+from server.settings import ServerSettings
+from server.simulate import (
+    flower_environment,
+    flwr_run_command,
+    stop_local_flower,
+    write_run_config,
+)
+
+TINY = ModelConfig(backbone="test_efficientnet")
+
+
+def _global_arrays(seed: int = 0) -> ArrayRecord:
+    torch.manual_seed(seed)
+    return ArrayRecord(travelling_state(build_model(TINY), TINY))
+
+
+def _config(run_config: dict[str, Any], *, train: bool, **overrides: Any) -> Any:
+    settings = ServerSettings.from_run_config({**run_config, **overrides})
+    config = settings.train_config("k1") if train else settings.evaluate_config("k1")
+    config["server-round"] = 1
+    return config
+
+
+def _run(grid: Any, run_config: dict[str, Any]) -> None:
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    main(grid, context)
+
+
+def test_site_comes_from_node_config_or_simulation_partition(
+    site_caches: dict[str, Path], run_config: dict[str, Any]
+) -> None:
+    site = resolve_site({"data-path": str(site_caches["site_b"]), "site": "B"}, run_config)
+    assert site.name == "B" and site.device == "cpu"
+    assert site.state_dir == site_caches["site_b"] / "fedct-state"
+    simulated = resolve_site({"partition-id": 1, "num-partitions": 2}, run_config)
+    assert simulated.cache_dir == site_caches["site_b"] and simulated.name == "site_b"
+    with pytest.raises(SiteConfigError, match="site-caches lists 2"):
+        resolve_site({"partition-id": 2}, run_config)
+    with pytest.raises(SiteConfigError, match="lacks data-path"):
+        resolve_site({}, run_config)
+    with pytest.raises(SiteConfigError, match="no manifest.csv"):
+        resolve_site({"data-path": str(site_caches["site_b"] / "scans")}, run_config)
+
+
+def test_client_train_and_evaluate_on_tiny_caches(
+    site_caches: dict[str, Path], run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    sites = [
+        resolve_site({"data-path": str(site_caches[name]), "state-dir": str(tmp_path)}, run_config)
+        for name in ("site_a", "site_b")
+    ]
+    arrays = _global_arrays()
+    config = _config(run_config, train=True, **{"transport-dtype": "float16"})
+    trained, metrics = train_site(sites[0], arrays, config)
+    assert set(trained) == set(arrays)
+    assert trained["head.weight"].dtype == "float16"
+    assert trained["head.weight"].numpy().tolist() != arrays["head.weight"].numpy().tolist()
+    assert metrics["num-examples"] == 8 and set(metrics) == {
+        "num-examples",
+        "train-loss",
+        "train-accuracy",
+        "train-seconds",
+    }
+
+    replies = [evaluate_site(site, arrays, _config(run_config, train=False)) for site in sites]
+    assert set(replies[0]) == set(replies[1])  # or the ServerApp would die
+    assert replies[0]["tune-n"] == 4 and replies[0]["test-n"] == 2
+    assert replies[0]["num-examples"] == 6 and 0.0 <= replies[0]["tune-auc_covid"] <= 1.0
+    assert replies[1]["tune-n"] == 0 and np.isnan(replies[1]["tune-auc_covid"])
+    assert np.isnan(replies[1]["tune-loss"]) and replies[1]["test-n"] == 3
+
+
+def test_fedbn_keeps_the_site_batchnorm_state(
+    site_caches: dict[str, Path], run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    site = resolve_site(
+        {"data-path": str(site_caches["site_a"]), "state-dir": str(tmp_path)}, run_config
+    )
+    arrays = _global_arrays()
+    trained, _ = train_site(site, arrays, _config(run_config, train=True, strategy="fedbn"))
+    stored = load_file(local_bn_path(tmp_path, "k1"))
+    bn_keys = bn_state_keys(build_model(TINY))
+    assert set(stored) == bn_keys
+    for key in bn_keys:
+        np.testing.assert_array_equal(stored[key], trained[key].numpy())
+
+    # A new global model arrives: the site scores it with its own BatchNorm state, which
+    # differs from the global one, while every other weight is the global one.
+    moved = ArrayRecord()
+    for key, array in _global_arrays(seed=5).items():
+        value = array.numpy()
+        moved[key] = Array(value + 0.5 if value.dtype.kind == "f" else value)
+    fedbn = evaluate_site(site, moved, _config(run_config, train=False, strategy="fedbn"))
+    plain = evaluate_site(site, moved, _config(run_config, train=False))
+    assert fedbn["test-loss"] != plain["test-loss"]
+
+
+def test_min_train_replies_keeps_the_previous_model_when_a_site_fails(
+    site_caches: dict[str, Path],
+    run_config: dict[str, Any],
+    tmp_path: Path,
+    task_identity: None,
+    make_grid: Any,
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    nodes = [
+        {"data-path": str(site_caches["site_a"]), "site": "A"},
+        {"data-path": str(broken), "site": "C"},
+    ]
+    config = {**run_config, "num-server-rounds": 1, "min-train-replies": 2}
+    _run(make_grid(nodes, config), config)
+    run_dir = Path(config["run-dir"])
+    card = json.loads((run_dir / "round_001.card.json").read_text())
+    assert (
+        "only 1 of 2 train replies succeeded, min-train-replies is 2"
+        in (card["train"]["kept_previous_model"])
+    )
+    assert [f["reason"] for f in card["train"]["failures"]][0].count("no manifest.csv") == 1
+    assert [p["site"] for p in card["train"]["participants"]] == ["A"]
+    before, after = (load_file(run_dir / f"round_00{r}.safetensors") for r in (0, 1))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    line = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+    assert line["kept_previous_model"] and line["failures"] == 1
+
+    # With one successful reply allowed, the round takes site A's weights.
+    config = {**config, "min-train-replies": 1, "run-dir": str(tmp_path / "run2")}
+    _run(make_grid(nodes, config), config)
+    after = load_file(tmp_path / "run2" / "round_001.safetensors")
+    assert not np.array_equal(before["head.weight"], after["head.weight"])
+
+
+def test_server_run_checkpoints_and_resumes_with_optimiser_state(
+    site_caches: dict[str, Path], run_config: dict[str, Any], task_identity: None, make_grid: Any
+) -> None:
+    nodes = [{"data-path": str(site_caches[s]), "site": s} for s in ("site_a", "site_b")]
+    config = {**run_config, "num-server-rounds": 1, "strategy": "fedadam"}
+    _run(make_grid(nodes, config), config)
+    run_dir = Path(config["run-dir"])
+    assert (run_dir / "round_001.strategy.safetensors").exists()
+    card = json.loads((run_dir / "round_001.card.json").read_text())
+    assert {p["site"]: p["num-examples"] for p in card["train"]["participants"]} == {
+        "site_a": 8,
+        "site_b": 8,
+    }
+    assert card["run_config"]["strategy"] == "fedadam" and len(card["sha256"]) == 64
+    assert "ext-auc_covid" in card["central_evaluation"]
+    assert json.loads((run_dir / "best.json").read_text())["round"] == 1
+
+    resumed = {**config, "num-server-rounds": 2, "resume-from": str(run_dir)}
+    grid = make_grid(nodes, resumed)
+    _run(grid, resumed)
+    assert [
+        json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ] == [
+        0,
+        1,
+        2,
+    ]
+    assert {int(m.content["config"]["server-round"]) for m in grid.sent} == {2}
+    recorded = json.loads((run_dir / "run_config.json").read_text())
+    assert recorded["first_round"] == 2
+
+
+def test_too_few_nodes_fail_with_a_clear_error(
+    site_caches: dict[str, Path], run_config: dict[str, Any], task_identity: None, make_grid: Any
+) -> None:
+    config = {**run_config, "node-wait-timeout": 1.0, "num-server-rounds": 1}
+    grid = make_grid([{"data-path": str(site_caches["site_a"])}], config)
+    with pytest.raises(NodeWaitTimeout, match="only 1 of 2 nodes connected after 1 s"):
+        _run(grid, config)
+
+
+def test_flwr_run_simulation_end_to_end(
+    run_config: dict[str, Any], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    home = tmp_path / "flwr-home"
+    env = flower_environment(home)
+    request.addfinalizer(lambda: stop_local_flower(home))
+    overrides = {k: run_config[k] for k in ("backbone", "batch-size", "lr", "device", "run-dir")}
+    overrides |= {k: run_config[k] for k in ("site-caches", "external-caches")}
+    overrides |= {"num-server-rounds": 2, "transport-dtype": "float16"}
+    run_config_file = write_run_config(tmp_path / "run-config.toml", overrides)
+    command = flwr_run_command(Path(__file__).parents[1], run_config_file, 2, 1, 0.0)
+
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - started
+    print(f"flwr run took {seconds:.1f} s", file=sys.stderr)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    run_dir = Path(overrides["run-dir"])
+    for server_round in range(3):
+        assert (run_dir / f"round_00{server_round}.safetensors").exists()
+        card = json.loads((run_dir / f"round_00{server_round}.card.json").read_text())
+        assert card["round"] == server_round
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert set(lines[2]["sites"]) == {"site_a", "site_b"}
+    assert lines[0]["central"]["ext-loss"] != lines[-1]["central"]["ext-loss"]
+    assert stop_local_flower(home), "flwr run left no background SuperLink to stop"
+    assert not stop_local_flower(home)

@@ -1,0 +1,104 @@
+"""``fedct report`` on a tiny run directory written the way the coordinator writes one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.checkpoints import RunDirectory
+from server.report import add_arguments, run
+
+EXTERNAL_LINK = re.compile(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", re.IGNORECASE)
+CROSS_SITE = {
+    "sites": ["hospital-a", "hospital-b"],
+    "models": ["global", "hospital-a", "hospital-b"],
+    "auc_covid": [[0.91, 0.88, None], [0.86, None, 0.9]],
+    "accuracy": [[0.8, 0.79, 0.7], [0.75, None, 0.81]],
+}
+
+
+def make_run(run_dir: Path) -> None:
+    """Rounds 0..3; hospital-b misses round 2, the central AUC of round 1 is missing."""
+    store = RunDirectory(run_dir)
+    for r in range(4):
+        sites = {"hospital-a": 10} if r == 2 else {"hospital-a": 10, "hospital-b": 8}
+        participants = [
+            {"site": site, "num-examples": n, "metrics": {"loss": 1.0 / (r + 1), "accuracy": 0.5}}
+            for site, n in sites.items()
+        ]
+        central = {"mosmed-auc_covid": 0.6 + 0.1 * r, "mosmed-loss": 1.0 - 0.1 * r}
+        if r == 1:
+            del central["mosmed-auc_covid"]
+        train = {"participants": participants if r else []}
+        card = {"model_config": {"backbone": "test_efficientnet"}, "run_config": {"seed": 0}}
+        line = {
+            "sites": sites if r else {},
+            "failures": 0,
+            "train": {"loss": 1.0 / (r + 1)} if r else {},
+            "federated": {"tune-auc_covid": 0.5 + 0.1 * r, "tune-loss": 0.9} if r else {},
+            "central": central,
+        }
+        store.save_round(r, {"w": np.full(2, r, np.float32)}, {**card, "train": train}, line, {})
+        store.update_best(r, "mosmed-auc_covid", central.get("mosmed-auc_covid"))
+
+
+def report_cli(*argv: object) -> int:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args([str(a) for a in argv]))
+
+
+def test_report_renders_curves_card_and_absent_cross_site_cells(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    (tmp_path / "cross_site.json").write_text(json.dumps(CROSS_SITE))
+    assert report_cli(tmp_path) == 0
+    page = (tmp_path / "report.html").read_text()
+
+    assert not EXTERNAL_LINK.search(page)
+    assert page.count("<svg") == 4  # AUC, loss, and the sites' loss and accuracy
+    for name in ("mosmed (central)", "tune (federated)", "hospital-b", "train"):
+        assert name in page
+    best = RunDirectory(tmp_path).read_json("round_003.card.json")
+    assert "Model card of round 3" in page and best["sha256"] in page
+    nulls = sum(
+        v is None for key in ("auc_covid", "accuracy") for row in CROSS_SITE[key] for v in row
+    )
+    assert page.count('title="absent"') == nulls
+    assert "0.910" in page
+
+
+def test_report_without_cross_site_file_says_so(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    out = tmp_path / "elsewhere" / "run.html"
+    assert report_cli(tmp_path, "--out", out) == 0
+    assert "This run has no cross_site.json." in out.read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{", "unreadable"),
+        (json.dumps({**CROSS_SITE, "auc_covid": [[0.9, 0.8]]}), "auc_covid must be 2 rows"),
+        (json.dumps({**CROSS_SITE, "sites": "hospital-a"}), "sites must be a non-empty list"),
+    ],
+)
+def test_malformed_cross_site_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, reason: str
+) -> None:
+    make_run(tmp_path)
+    (tmp_path / "cross_site.json").write_text(content)
+    assert report_cli(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "cross_site.json" in err and reason in err and "Traceback" not in err
+
+
+def test_a_folder_without_metrics_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert report_cli(tmp_path) == 2
+    assert "metrics.jsonl: missing" in capsys.readouterr().err
