@@ -3,7 +3,8 @@
 The site is taken from the node config (``data-path``, ``site``, optional ``device``) or, in
 simulation, from ``partition-id`` and the run config's ``site-caches``: see
 :mod:`client.site_data`.  Replies carry one ArrayRecord (train only), one MetricRecord whose
-keys are the same at every site, and a ``site`` ConfigRecord with the site's name.
+keys are the same at every site, and a ``site`` ConfigRecord with the site's name.  Every
+reply passes the egress guard of :mod:`client.egress` on its way out.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.egress import egress_guard
 from client.local import evaluate_site, train_site
 from client.site_data import Site, resolve_site
+from client.tune_histograms import tune_histograms
+from common.operating_point_hist import BINS_KEY
 
-app = ClientApp()
+app = ClientApp(mods=[egress_guard])
 
 
 def _reply(
@@ -36,7 +40,11 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Score the received global model on this site's tune and test splits."""
+    """Score the received model on the splits the coordinator names and, when it asks, add the
+    tune split's score histograms for the federated operating point."""
     site = resolve_site(context.node_config, context.run_config)
-    metrics = evaluate_site(site, message.content["arrays"], message.content["config"])
+    arrays, config = message.content["arrays"], message.content["config"]
+    metrics = evaluate_site(site, arrays, config)
+    if BINS_KEY in config:
+        metrics.update(tune_histograms(site, arrays, config))
     return _reply(message, site, metrics)

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common import log
 
+from client.dp import decline_without_dp, dp_enabled, train_site_private
 from client.fedbn import local_bn_path, restore_local_bn, save_local_bn
 from client.site_data import Site
 from common.cache import CacheDataset, make_loader
@@ -66,9 +67,14 @@ def train_site(
 ) -> tuple[ArrayRecord, MetricRecord]:
     """Train the global model on the site's ``train`` split; (new arrays, metrics).
 
-    ``num-examples`` is the number of training scans, the FedAvg weight.
+    ``num-examples`` is the number of training scans, the FedAvg weight.  With ``dp`` on, the
+    round is patient-level DP-SGD (client/dp.py), which replaces the train loss and accuracy
+    by ``dp-epsilon`` and ``dp-delta``; a site with an ε budget declines runs without DP.
     """
     server_round = int(config["server-round"])
+    private = dp_enabled(config)
+    if not private:
+        decline_without_dp(site)
     model = _model_for(site, config, arrays)
     data = CacheDataset(site.cache_dir, ["train"])
     if len(data) == 0:
@@ -84,9 +90,13 @@ def train_site(
         device=site.device,
         seed=int(config["seed"]) + server_round,
     )
-    loader = make_loader(data, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed)
     log(INFO, "site %s round %d: training on %d scans", site.name, server_round, len(data))
-    result = train_local(model, loader, train_cfg, class_counts=data.class_counts())
+    if private:
+        result, private_metrics = train_site_private(site, model, data, train_cfg, config)
+    else:
+        loader = make_loader(data, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed)
+        result = train_local(model, loader, train_cfg, class_counts=data.class_counts())
+        private_metrics = {}
     if bool(config["fedbn"]):
         save_local_bn(model, local_bn_path(site.state_dir, str(config["run-key"])))
     log(
@@ -105,6 +115,7 @@ def train_site(
             "train-loss": result.loss,
             "train-accuracy": result.accuracy,
             "train-seconds": result.seconds,
+            **private_metrics,
         }
     )
     return outgoing_arrays(model, str(config["transport-dtype"])), metrics

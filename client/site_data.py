@@ -2,12 +2,14 @@
 
 On the deployment engine each SuperNode is started with
 ``--node-config 'data-path="/srv/fedct/cache" site="hospital-a"'`` (optionally ``device``,
-``pretrained-weights`` and ``state-dir``).  In simulation the node config holds only
-``partition-id``; it picks an entry of the run config's comma-separated ``site-caches``.
+``pretrained-weights``, ``state-dir`` and ``dp-epsilon-budget``).  In simulation the node
+config holds only ``partition-id``; it picks an entry of the run config's comma-separated
+``site-caches``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ class Site:
     device: str
     state_dir: Path
     pretrained_weights: Path | None
+    epsilon_budget: float | None = None  # the site's ε limit over all DP runs (docs/privacy.md)
 
 
 def _optional_path(text: object) -> Path | None:
@@ -53,6 +56,19 @@ def _cache_dir(node_config: UserConfig, run_config: UserConfig) -> Path:
     return Path(caches[partition]).expanduser().resolve()
 
 
+def _epsilon_budget(node_config: UserConfig) -> float | None:
+    value = node_config.get("dp-epsilon-budget")
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = math.nan
+    if not budget > 0:
+        raise SiteConfigError(f"dp-epsilon-budget must be a positive number, got {value!r}")
+    return budget
+
+
 def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
     """The site of this node (see the module docstring); :class:`SiteConfigError` if unknown."""
     cache = _cache_dir(node_config, run_config)
@@ -64,4 +80,5 @@ def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
         device=str(node_config.get("device") or run_config.get("device") or "auto"),
         state_dir=_optional_path(node_config.get("state-dir")) or cache / "fedct-state",
         pretrained_weights=_optional_path(node_config.get("pretrained-weights")),
+        epsilon_budget=_epsilon_budget(node_config),
     )

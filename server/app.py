@@ -1,5 +1,6 @@
 """The coordinator's Flower ServerApp: settings from the run config, a fresh or resumed run,
-then the rounds of :mod:`server.rounds`.  See docs/federated.md."""
+the rounds of :mod:`server.rounds`, then the cross-site validation of :mod:`server.crosssite`.
+See docs/federated.md."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
+from server.crosssite import cross_site_validation
 from server.global_model import GlobalModel
 from server.rounds import Federation
 from server.settings import ServerSettings
@@ -67,4 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     if first_round > settings.num_rounds:
         log(INFO, "all %d rounds are done; raise num-server-rounds to go on", settings.num_rounds)
-    federation.run(model.arrays(), first_round)
+        return
+    final = federation.run(model.arrays(), first_round)
+    if settings.cross_site:
+        cross_site_validation(federation, final)

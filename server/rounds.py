@@ -4,14 +4,17 @@ Flower 1.41's ``Strategy.start`` always runs rounds 1..N, so it cannot resume at
 This loop calls the same four hooks (configure/aggregate train, configure/aggregate
 evaluate) with the real round numbers and adds what ``start`` lacks: a deadline for nodes to
 connect, a minimum of successful train replies, weights that travel in ``transport-dtype``
-but are aggregated in the model's own dtypes, and a checkpoint + model card every round.
+but are aggregated in the model's own dtypes, a COVID-19 operating point chosen on the
+sites' pooled tune histograms, and a checkpoint + model card every round.  For the
+cross-site validation at the end of a run (server/crosssite.py) it keeps each site's last
+trained weights.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING
 from typing import Any
@@ -22,10 +25,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.classes import GLOBAL_CLASSES
+from common.operating_point import OperatingPoint
 from server.arrays import cast_floating, conform, dtypes_of, payload_bytes, transport_dtype
 from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
 from server.global_model import GlobalModel
+from server.operating_point_fl import federated_operating_point
 from server.robust import shortfall, split_replies, wait_for_nodes
 from server.settings import ServerSettings
 from server.strategies import WEIGHT_KEY, strategy_state
@@ -49,6 +54,15 @@ def _failures(failed: list[Message], sent: int, received: int) -> list[dict[str,
     if received < sent:
         out.append({"node_id": None, "reason": f"{sent - received} node(s) sent no reply in time"})
     return out
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A site's weights from the last round it trained in, as the coordinator received them."""
+
+    node_id: int
+    round: int
+    arrays: ArrayRecord
 
 
 class Federation:
@@ -75,6 +89,7 @@ class Federation:
         self.run_key = run_key
         self.dtypes = dtypes_of(model.arrays())
         self.transport = transport_dtype(settings.transport_dtype)
+        self.local_models: dict[str, LocalModel] = {}
 
     def run(self, arrays: ArrayRecord, first_round: int) -> ArrayRecord:
         """Rounds ``first_round`` .. ``num_rounds`` from ``arrays``; round 0 is the initial
@@ -87,11 +102,11 @@ class Federation:
             log(INFO, "[ROUND %d/%d]", server_round, self.settings.num_rounds)
             wait_for_nodes(self.grid, self.settings.min_nodes, self.settings.node_wait_timeout)
             arrays, train = self._train(server_round, arrays)
-            evaluation = self._evaluate(server_round, arrays)
-            self._record(server_round, arrays, train, evaluation, started)
+            evaluation, operating_point = self._evaluate(server_round, arrays)
+            self._record(server_round, arrays, train, evaluation, started, operating_point)
         return arrays
 
-    def _exchange(self, messages: Iterable[Message]) -> tuple[list[Message], int, int]:
+    def exchange(self, messages: Iterable[Message]) -> tuple[list[Message], int, int]:
         """Send ``messages`` with their arrays in the transport dtype.
 
         Returns the replies, the number of messages sent and the bytes of arrays sent.
@@ -112,7 +127,7 @@ class Federation:
     def _train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         config = self.settings.train_config(self.run_key)
         messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-        replies, sent, down_bytes = self._exchange(messages)
+        replies, sent, down_bytes = self.exchange(messages)
         ok, failed = split_replies(replies)
         participants = []
         for reply in ok:
@@ -128,6 +143,10 @@ class Federation:
                 }
             )
             reply.content[key] = conform(record, self.dtypes)
+            if self.settings.cross_site:
+                self.local_models[site_name(reply)] = LocalModel(
+                    reply.metadata.src_node_id, server_round, reply.content[key]
+                )
         reason = shortfall(len(ok), sent, self.settings.min_train_replies)
         aggregated: dict[str, Any] = {}
         if reason is not None:
@@ -146,17 +165,24 @@ class Federation:
             "upload-bytes": sum(p["upload-bytes"] for p in participants),
         }
 
-    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+    def _evaluate(
+        self, server_round: int, arrays: ArrayRecord
+    ) -> tuple[dict[str, Any], OperatingPoint | None]:
+        """Federated evaluation, and the operating point chosen on the replies' histograms."""
         config = self.settings.evaluate_config(self.run_key)
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
-        replies, sent, _ = self._exchange(messages)
+        replies, sent, _ = self.exchange(messages)
         ok, failed = split_replies(replies)
+        operating_point = federated_operating_point(
+            ok, self.settings.operating_point_rule, self.settings.operating_point_min_specificity
+        )
         aggregated = self.strategy.aggregate_evaluate(server_round, replies)
-        return {
+        evaluation = {
             "sites": [{"site": site_name(reply), "metrics": reply_metrics(reply)} for reply in ok],
             "failures": _failures(failed, sent, len(replies)),
             "aggregated": dict(aggregated or {}),
         }
+        return evaluation, operating_point
 
     def _record(
         self,
@@ -165,6 +191,7 @@ class Federation:
         train: dict[str, Any],
         evaluation: dict[str, Any],
         started: float,
+        operating_point: OperatingPoint | None = None,
     ) -> None:
         """Central evaluation, then the checkpoint, card, metrics line and pointers."""
         self.model.load_arrays(arrays)
@@ -179,6 +206,7 @@ class Federation:
             "train": train,
             "federated_evaluation": evaluation,
             "central_evaluation": central,
+            "operating_point": operating_point.to_dict() if operating_point else None,
         }
         federated = evaluation.get("aggregated", {})
         line = {

@@ -17,6 +17,8 @@ from typing import Any
 from flwr.app import ConfigRecord, UserConfig
 
 from common.model import ModelConfig
+from common.operating_point_hist import BINS_KEY, HIST_BINS, HIST_RULES
+from common.privacy import DPSettings
 from common.training import TrainConfig
 from server.arrays import TRANSPORT_DTYPES
 from server.strategies import STRATEGIES
@@ -83,6 +85,11 @@ class ServerSettings:
     best_metric: str
     seed: int
     device: str
+    operating_point_rule: str
+    operating_point_min_specificity: float
+    cross_site: bool
+    cross_site_local_models: bool
+    privacy: DPSettings
 
     @classmethod
     def from_run_config(cls, run_config: UserConfig) -> ServerSettings:
@@ -110,6 +117,7 @@ class ServerSettings:
                 class_weighting=str(get("class-weighting")),  # type: ignore[arg-type]
                 proximal_mu=float(get("proximal-mu")),
             )
+            privacy = DPSettings.from_config(run_config)
         except ValueError as exc:
             raise SettingsError(f"invalid run config: {exc}") from exc
         resume = str(get("resume-from")).strip()
@@ -133,6 +141,11 @@ class ServerSettings:
             best_metric=str(get("best-metric")).strip(),
             seed=int(get("seed")),
             device=str(get("device")),
+            operating_point_rule=str(get("operating-point-rule")).strip(),
+            operating_point_min_specificity=float(get("operating-point-min-specificity")),
+            cross_site=bool(get("cross-site")),
+            cross_site_local_models=bool(get("cross-site-local-models")),
+            privacy=privacy,
         )
         settings.check()
         return settings
@@ -155,6 +168,14 @@ class ServerSettings:
             problems.append("node-wait-timeout and round-timeout must be positive")
         if self.strategy == "fedprox" and self.training.proximal_mu <= 0:
             problems.append("fedprox needs a positive proximal-mu")
+        if self.privacy.enabled and self.training.class_weighting != "none":
+            problems.append("dp needs class-weighting = none (balanced weights use every patient)")
+        if self.privacy.enabled and self.model.norm != "group":
+            problems.append('dp needs norm = "group" (BatchNorm mixes patients in a batch)')
+        if self.operating_point_rule not in HIST_RULES:
+            problems.append(f"operating-point-rule must be one of {', '.join(HIST_RULES)}")
+        if not 0.0 <= self.operating_point_min_specificity <= 1.0:
+            problems.append("operating-point-min-specificity must be in [0, 1]")
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
 
@@ -184,9 +205,21 @@ class ServerSettings:
                 "optimizer": self.training.optimizer,
                 "weight-decay": self.training.weight_decay,
                 "class-weighting": self.training.class_weighting,
+                **self.privacy.to_config(),
             }
         )
 
     def evaluate_config(self, run_key: str) -> ConfigRecord:
-        """What every evaluate message carries: the sites report on their tune and test splits."""
-        return ConfigRecord({**self._shared_config(run_key), "splits": "tune,test"})
+        """What every evaluate message carries: the sites report on their tune and test splits,
+        and the histograms of their tune scores for the operating point."""
+        return ConfigRecord(
+            {**self._shared_config(run_key), "splits": "tune,test", BINS_KEY: HIST_BINS}
+        )
+
+    def cross_site_config(self, run_key: str, *, global_model: bool) -> ConfigRecord:
+        """What a cross-site evaluate message carries: the test split only.  A site's own model
+        is scored as it is, BatchNorm included, wherever it goes; the global model as in every
+        round (under FedBN with each site's BatchNorm)."""
+        config = self._shared_config(run_key)
+        config["fedbn"] = config["fedbn"] and global_model
+        return ConfigRecord({**config, "splits": "test"})

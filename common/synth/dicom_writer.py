@@ -137,11 +137,11 @@ def _to_stored(hu: np.ndarray, scanner: ScannerProfile) -> np.ndarray:
     if padding is not None:
         if not limits.min <= padding <= limits.max:
             raise ValueError(f"pixel_padding_value {padding} does not fit {dtype.name}")
-        stored[(hu <= AIR_HU) & _outside_scan_circle(hu.shape)] = padding
+        stored[(hu <= AIR_HU) & outside_scan_circle(hu.shape)] = padding
     return stored
 
 
-def _outside_scan_circle(shape: tuple[int, ...]) -> np.ndarray:
+def outside_scan_circle(shape: tuple[int, ...]) -> np.ndarray:
     rows, cols = shape
     r = np.arange(rows)[:, None] - (rows - 1) / 2
     c = np.arange(cols)[None, :] - (cols - 1) / 2

@@ -1,0 +1,280 @@
+"""The egress guard: normal replies pass and are audited, leaking ones are blocked and
+audited, and the coordinator sees a failure for the leaking site, not its data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+import client.app as hospital
+from client.egress import egress_guard
+from common.cache import read_manifest, scan_path
+from common.model import ModelConfig, build_model, travelling_state
+from server.app import main
+from server.settings import ServerSettings
+
+TINY = ModelConfig(backbone="test_efficientnet")
+Handler = Callable[[Message, Context], Message]
+
+
+@pytest.fixture
+def site_a(site_caches: dict[str, Path], tmp_path: Path) -> dict[str, Any]:
+    """Node config of hospital A, with its audit log in the test's directory."""
+    return {"data-path": str(site_caches["site_a"]), "site": "A", "audit-log": str(tmp_path / "a")}
+
+
+def _context(node_config: dict[str, Any], run_config: dict[str, Any]) -> Context:
+    return Context(
+        run_id=1, node_id=10, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def _request(run_config: dict[str, Any], message_type: str, cfg: ModelConfig = TINY) -> Message:
+    settings = ServerSettings.from_run_config({**run_config, "transport-dtype": "float16"})
+    if message_type == MessageType.TRAIN:
+        config = settings.train_config("k1")
+    else:
+        config = settings.evaluate_config("k1")
+    config["model-config"] = json.dumps(asdict(cfg))
+    config["server-round"] = 3
+    torch.manual_seed(0)
+    arrays = ArrayRecord(travelling_state(build_model(cfg), cfg))
+    content = RecordDict({"arrays": arrays, "config": config})
+    return Message(content=content, dst_node_id=10, message_type=message_type)
+
+
+def _honest_train_reply(request: Message) -> Message:
+    """What a site sends after training: the model in float16 (the transport dtype), its
+    metrics and its name; no training, to keep the test fast."""
+    arrays = ArrayRecord()
+    for key, array in request.content["arrays"].items():
+        value = array.numpy()
+        arrays[key] = Array(value.astype(np.float16) if value.dtype.kind == "f" else value)
+    metrics = MetricRecord({"num-examples": 8, "train-loss": 0.5})
+    content = RecordDict(
+        {"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": "A"})}
+    )
+    return Message(content=content, reply_to=request)
+
+
+def _pixels(site_dir: Path) -> np.ndarray:
+    first = read_manifest(site_dir)[0]["scan_id"]
+    return np.load(scan_path(site_dir, first))[0]
+
+
+def _guarded(request: Message, context: Context, handler: Handler) -> Message:
+    app = ClientApp(mods=[egress_guard])
+    app.train()(handler)
+    app.evaluate()(handler)
+    return app(request, context)
+
+
+def _audit(node_config: dict[str, Any]) -> list[dict[str, Any]]:
+    lines = Path(node_config["audit-log"]).read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_an_honest_train_reply_passes_and_is_audited(
+    run_config: dict[str, Any], site_a: dict[str, Any], task_identity: None
+) -> None:
+    request = _request(run_config, MessageType.TRAIN)
+    reply = _guarded(request, _context(site_a, run_config), lambda m, c: _honest_train_reply(m))
+    assert not reply.has_error()
+    (line,) = _audit(site_a)
+    assert line["blocked"] is False and line["reasons"] == []
+    assert (line["run"], line["round"], line["message_type"]) == (1, 3, "train")
+    assert set(line["records"]) == {"arrays", "metrics", "site"}
+    shape = list(request.content["arrays"]["head.weight"].shape)
+    assert line["arrays"]["arrays"]["head.weight"] == [shape, "float16"]
+    assert line["metric_keys"] == {"metrics": ["num-examples", "train-loss"]}
+    assert line["bytes"] > 0 and line["time"].endswith("+00:00")
+
+
+def test_real_handlers_pass_the_guard(
+    run_config: dict[str, Any], site_a: dict[str, Any], task_identity: None
+) -> None:
+    context = _context(site_a, run_config)
+    for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
+        assert not hospital.app(_request(run_config, message_type), context).has_error()
+    evaluated = _audit(site_a)[1]
+    assert not evaluated["blocked"] and evaluated["arrays"] == {}
+    assert {"tune-hist-covid", "tune-hist-other", "test-auc_covid"} <= set(
+        evaluated["metric_keys"]["metrics"]
+    )
+
+
+@dataclass(frozen=True)
+class Leak:
+    pixels: np.ndarray  # a slice of a scan
+    patient: str  # the cache's patient pseudonym
+
+
+def _with_pixel_array(reply: Message, leak: Leak) -> None:
+    reply.content["arrays"]["leak"] = Array(leak.pixels)
+
+
+def _with_patient_in_site_record(reply: Message, leak: Leak) -> None:
+    reply.content["site"]["patient"] = leak.patient
+
+
+def _with_patient_record(reply: Message, leak: Leak) -> None:
+    reply.content["debug"] = ConfigRecord({"patient": leak.patient})
+
+
+def _with_patient_as_site_name(reply: Message, leak: Leak) -> None:
+    reply.content["site"]["name"] = leak.patient
+
+
+def _with_pixel_metric(reply: Message, leak: Leak) -> None:
+    reply.content["metrics"]["leak"] = leak.pixels.ravel().astype(int).tolist()
+
+
+def _with_wrong_shape(reply: Message, leak: Leak) -> None:
+    reply.content["arrays"]["head.weight"] = Array(np.zeros((3, 7), np.float16))
+
+
+def _with_float32(reply: Message, leak: Leak) -> None:
+    value = reply.content["arrays"]["head.bias"].numpy()
+    reply.content["arrays"]["head.bias"] = Array(value.astype(np.float32))
+
+
+def _without_an_array(reply: Message, leak: Leak) -> None:
+    del reply.content["arrays"]["head.bias"]
+
+
+NOT_THE_MODEL = "arrays that are not the model's"
+WRONG_ARRAY = "arrays of the wrong shape, dtype or size"
+NOT_THE_SITE = "config records other than the site's name"
+LEAKS: dict[str, tuple[Callable[[Message, Leak], None], str]] = {
+    "pixel array": (_with_pixel_array, NOT_THE_MODEL),
+    "patient id in the site record": (_with_patient_in_site_record, NOT_THE_SITE),
+    "patient id record": (_with_patient_record, NOT_THE_SITE),
+    "patient id as the site name": (_with_patient_as_site_name, "a site name that is not"),
+    "pixels as a metric list": (_with_pixel_metric, "metric lists other than the requested"),
+    "wrong shape": (_with_wrong_shape, WRONG_ARRAY),
+    "wrong dtype": (_with_float32, WRONG_ARRAY),
+    "missing array": (_without_an_array, NOT_THE_MODEL),
+}
+
+
+@pytest.mark.parametrize("leak", sorted(LEAKS))
+def test_a_leaking_train_reply_is_blocked_and_audited(
+    leak: str,
+    run_config: dict[str, Any],
+    site_a: dict[str, Any],
+    site_caches: dict[str, Path],
+    task_identity: None,
+) -> None:
+    change, kind = LEAKS[leak]
+    patient = read_manifest(site_caches["site_a"])[0]["patient_id"]
+
+    def leaky(message: Message, context: Context) -> Message:
+        reply = _honest_train_reply(message)
+        change(reply, Leak(_pixels(site_caches["site_a"]), patient))
+        return reply
+
+    request = _request(run_config, MessageType.TRAIN)
+    reply = _guarded(request, _context(site_a, run_config), leaky)
+    assert reply.has_error() and reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert kind in reply.error.reason and patient not in reply.error.reason
+    (line,) = _audit(site_a)
+    assert line["blocked"] is True and any(r.startswith(kind) for r in line["reasons"])
+    assert patient not in json.dumps(line)
+
+
+def test_arrays_in_an_evaluate_reply_are_blocked(
+    run_config: dict[str, Any], site_a: dict[str, Any], task_identity: None
+) -> None:
+    request = _request(run_config, MessageType.EVALUATE)
+    reply = _guarded(request, _context(site_a, run_config), lambda m, c: _honest_train_reply(m))
+    assert reply.has_error() and "arrays in a reply that carries none" in reply.error.reason
+
+
+def test_head_only_mode_allows_the_head_only(
+    run_config: dict[str, Any], site_a: dict[str, Any], task_identity: None
+) -> None:
+    frozen = ModelConfig(backbone="test_efficientnet", freeze_backbone=True)
+    context = _context(site_a, run_config)
+    head = _request(run_config, MessageType.TRAIN, frozen)
+    assert set(head.content["arrays"]) == {"head.weight", "head.bias"}
+    assert not _guarded(head, context, lambda m, c: _honest_train_reply(m)).has_error()
+
+    whole = _request(run_config, MessageType.TRAIN)
+    whole.content["config"]["model-config"] = head.content["config"]["model-config"]
+    reply = _guarded(whole, context, lambda m, c: _honest_train_reply(m))
+    assert reply.has_error() and "arrays that are not the model's" in reply.error.reason
+
+
+def test_a_raising_handler_is_audited_and_still_raises(
+    run_config: dict[str, Any], site_a: dict[str, Any], task_identity: None
+) -> None:
+    def broken(message: Message, context: Context) -> Message:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        _guarded(_request(run_config, MessageType.TRAIN), _context(site_a, run_config), broken)
+    (line,) = _audit(site_a)
+    assert line["raised"] == "RuntimeError" and line["blocked"] is False
+
+
+def test_the_coordinator_sees_a_failure_for_the_leaking_site(
+    site_caches: dict[str, Path],
+    run_config: dict[str, Any],
+    tmp_path: Path,
+    task_identity: None,
+    make_grid: Any,
+) -> None:
+    pixels = _pixels(site_caches["site_b"])
+
+    def train(message: Message, context: Context) -> Message:
+        reply = hospital.train(message, context)
+        if context.node_config["site"] == "B":
+            reply.content["arrays"]["slice"] = Array(pixels)
+        return reply
+
+    leaky = ClientApp(mods=[egress_guard])
+    leaky.train()(train)
+    leaky.evaluate()(hospital.evaluate)
+    nodes = [
+        {"data-path": str(site_caches[s]), "site": n, "audit-log": str(tmp_path / n)}
+        for s, n in (("site_a", "A"), ("site_b", "B"))
+    ]
+    config = {
+        **run_config,
+        "num-server-rounds": 1,
+        "min-train-replies": 1,
+        "transport-dtype": "float16",
+        "cross-site": False,
+    }
+    grid = make_grid(nodes, config)
+    grid.app = leaky
+    main(grid, _context({}, config))
+
+    card = json.loads((Path(config["run-dir"]) / "round_001.card.json").read_text())
+    assert [p["site"] for p in card["train"]["participants"]] == ["A"]
+    (failure,) = card["train"]["failures"]
+    assert failure["reason"].startswith("egress guard blocked the reply: arrays that are not")
+    assert "slice" not in failure["reason"]
+    assert {s["site"] for s in card["federated_evaluation"]["sites"]} == {"A", "B"}
+    train_b = [line for line in _audit(nodes[1]) if line["message_type"] == "train"]
+    assert train_b[0]["blocked"] and "unexpected slice" in train_b[0]["reasons"][0]
+    assert not any(line["blocked"] for line in _audit(nodes[0]))
