@@ -15,6 +15,8 @@ from pathlib import Path
 
 from flwr.app import UserConfig
 
+from common.cache import CacheError, check_run_settings
+
 
 class SiteConfigError(ValueError):
     """The node cannot tell which site cache it serves."""
@@ -74,6 +76,10 @@ def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
     cache = _cache_dir(node_config, run_config)
     if not (cache / "manifest.csv").is_file():
         raise SiteConfigError(f"{cache}: no manifest.csv; run `fedct prepare` for this site")
+    try:
+        check_run_settings(cache, run_config)
+    except CacheError as exc:
+        raise SiteConfigError(str(exc)) from exc
     return Site(
         name=str(node_config.get("site") or cache.name),
         cache_dir=cache,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -96,6 +96,27 @@ def read_settings(cache_dir: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CacheError(f"{path}: unreadable cache settings ({exc})") from exc
+
+
+# Cache settings and the run-config keys that must agree with them for a run to use the cache.
+RUN_CONFIG_KEYS = {"size": "image-size", "fraction": "slice-fraction", "normalize": "normalize"}
+
+
+def check_run_settings(cache_dir: Path, run_config: Mapping[str, Any]) -> None:
+    """Refuse a cache prepared otherwise than the run's ``image-size``, ``slice-fraction`` and
+    ``normalize`` say: a model must see the same pixels at every site and at evaluation."""
+    settings = read_settings(cache_dir)
+    if settings is None:
+        raise CacheError(f"{cache_dir}: no cache.json; run `fedct prepare` for this data")
+    differences = [
+        f"{key} = {run_config[key]!r} but the cache has {settings.get(name)!r}"
+        for name, key in RUN_CONFIG_KEYS.items()
+        if key in run_config and settings.get(name) != run_config[key]
+    ]
+    if differences:
+        raise CacheError(
+            f"{cache_dir}: prepared with other settings than the run: " + "; ".join(differences)
+        )
 
 
 def write_manifest(cache_dir: Path, rows: Sequence[dict[str, Any]]) -> None:

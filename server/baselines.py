@@ -27,7 +27,7 @@ import numpy as np
 from rich.console import Console
 from torch.utils.data import ConcatDataset
 
-from common.cache import CacheDataset, CacheError, make_loader
+from common.cache import CacheDataset, CacheError, check_run_settings, make_loader
 from common.classes import GLOBAL_CLASSES
 from common.metrics import summarize
 from common.training import evaluate, train_local
@@ -77,6 +77,8 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
     caches = select_caches(
         [Path(p) for p in str(run_config["site-caches"]).split(",") if p], mode, site
     )
+    for cache in caches:
+        check_run_settings(cache, run_config)
     train = _pooled(caches, "train")
     if len(train) == 0:
         raise SettingsError(f"no training scans in {', '.join(map(str, caches))}")

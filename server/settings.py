@@ -16,6 +16,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, UserConfig
 
+from common.cache import CacheError, check_run_settings
 from common.model import ModelConfig
 from common.operating_point_hist import BINS_KEY, HIST_BINS, HIST_RULES
 from common.privacy import DPSettings
@@ -148,6 +149,11 @@ class ServerSettings:
             privacy=privacy,
         )
         settings.check()
+        for cache in settings.external_caches.values():
+            try:
+                check_run_settings(cache, run_config)
+            except CacheError as exc:
+                raise SettingsError(f"external cache: {exc}") from exc
         return settings
 
     def check(self) -> None:

@@ -14,7 +14,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.cache import write_manifest, write_scan
+from common.cache import write_manifest, write_scan, write_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bright slices for COVID-19, dark for normal, mid for pneumonia: learnable in a round or two.
@@ -48,6 +48,7 @@ def write_tiny_cache(
                     }
                 )
     write_manifest(cache_dir, rows)
+    write_settings(cache_dir, {"size": size, "fraction": 0.5, "normalize": "ai-corona"})
     return cache_dir
 
 
@@ -83,6 +84,7 @@ def run_config(
         **app_defaults,
         "num-server-rounds": 2,
         "backbone": "test_efficientnet",
+        "image-size": 32,
         "batch-size": 4,
         "lr": 0.01,
         "device": "cpu",

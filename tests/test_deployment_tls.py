@@ -1,0 +1,443 @@
+"""``fedct certs``, and the deployment engine end to end over TLS with SuperNode authentication.
+
+On 127.0.0.1 with free ports: a SuperLink with TLS and ``--enable-supernode-auth`` (process
+isolation, its SuperExec beside it), three registered hospital keys, one SuperNode and SuperExec
+per hospital with its own cache, two rounds of ``flwr run`` with the tiny backbone.  A SuperNode
+with an unregistered key and plaintext clients are refused.  Every host has its own Flower home
+and key material made by ``fedct certs``, as it would in a deployment.  Each process starts in a
+session of its own and is stopped with its process group (SIGTERM, then SIGKILL), even when a
+test fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+from common import certs
+from server.registry import read_tls
+from server.simulate import free_port, write_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SITES = ("hospital-a", "hospital-b")
+REGISTERED = (*SITES, "hospital-c")  # hospital-c is registered but never joins
+
+
+def fedct_certs(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    certs.add_arguments(parser)
+    return certs.run(parser.parse_args(list(argv)))
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- fedct certs -----------------------------------------------------------------------------
+
+
+def test_certs_writes_a_ca_a_superlink_certificate_and_supernode_keys(tmp_path: Path) -> None:
+    sans = "127.0.0.1,localhost,coordinator.example"
+    assert fedct_certs("--out", str(tmp_path), "--superlink-san", sans, "--sites", "a,b") == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    leaf = x509.load_pem_x509_certificate((tmp_path / "superlink.crt").read_bytes())
+    leaf.verify_directly_issued_by(ca)
+    alt = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in alt.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert alt.get_values_for_type(x509.DNSName) == ["localhost", "coordinator.example"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for name in ("ca.key", "superlink.key", "supernodes/a.key", "supernodes/b.key"):
+        assert _mode(tmp_path / name) == 0o600, name
+    assert _mode(tmp_path / "supernodes/a.pub") == 0o644
+    assert not (tmp_path / "superexec.secret").exists()
+
+    # The formats flower-supernode and `flwr supernode register` read.
+    private = load_ssh_private_key((tmp_path / "supernodes/a.key").read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    registered = try_load_public_key(tmp_path / "supernodes/a.pub")
+    assert registered == public_key_to_bytes(private.public_key())
+    assert registered != try_load_public_key(tmp_path / "supernodes/b.pub")
+
+
+def test_certs_reuse_the_ca_and_never_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert fedct_certs("--out", str(tmp_path), "--superlink-san", "localhost") == 0
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+    assert fedct_certs("--out", str(tmp_path), "--registry-san", "10.0.0.5,registry.example") == 0
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    ca = x509.load_pem_x509_certificate(ca_before)
+    registry_cert = tmp_path / "registry.crt"
+    x509.load_pem_x509_certificate(registry_cert.read_bytes()).verify_directly_issued_by(ca)
+    read_tls(registry_cert, tmp_path / "registry.key")  # what `fedct registry serve` accepts
+
+    superlink_key = (tmp_path / "superlink.key").read_bytes()
+    capsys.readouterr()
+    assert fedct_certs("--out", str(tmp_path), "--superlink-san", "x.example", "--sites", "c") == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "superlink.key").read_bytes() == superlink_key
+    assert not (tmp_path / "supernodes").exists()  # all or nothing
+
+    assert fedct_certs("--out", str(tmp_path), "--superexec-secret") == 0
+    secret = (tmp_path / "superexec.secret").read_text()
+    assert len(secret) == 64 and _mode(tmp_path / "superexec.secret") == 0o600
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sites", "../escape"], "site '../escape'"),
+        (["--sites", "a,a"], "names a site twice"),
+        (["--superlink-san", "not a name"], "neither an IP address nor a DNS name"),
+        (["--superlink-san", "localhost", "--days", "0"], "at least 1"),
+        ([], "give --superlink-san"),
+    ],
+)
+def test_certs_reject_bad_input_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert fedct_certs("--out", str(tmp_path / "pki"), *argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "pki").exists()
+
+
+# --- the deployment engine over TLS ----------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """Processes started for the test, each the leader of its own process group."""
+
+    logs: Path
+    started: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = self.logs / f"{name}.log"
+        with open(log, "wb") as handle:
+            process = subprocess.Popen(
+                command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.started.append((process, log))
+        return process
+
+    def log(self, process: subprocess.Popen[bytes]) -> str:
+        return next(log for p, log in self.started if p is process).read_text(errors="replace")
+
+    @staticmethod
+    def stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        """SIGTERM the process group (the process and the app processes it spawned), then
+        SIGKILL whatever is left."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break  # the whole group is gone
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace)
+        process.wait()
+
+    def stop_all(self) -> None:
+        for process, _ in reversed(self.started):
+            self.stop(process)
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """The running SuperLink, and how to reach it as the operator."""
+
+    port: int
+    env: dict[str, str]
+    ca: Path
+    superlink: subprocess.Popen[bytes]
+
+
+def host_env(home: Path) -> dict[str, str]:
+    """A host's environment: its own Flower home, this venv, no network calls, one thread."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+
+
+def flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited with {process.returncode} before listening"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"nothing listens on {port} after {timeout} s")
+
+
+def node_statuses(coordinator: Coordinator) -> list[str]:
+    listed = flwr(coordinator.env, "supernode", "ls", "fedct", "--format", "json")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    return sorted(node["status"] for node in json.loads(listed.stdout)["nodes"])
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    running = Processes(tmp_path_factory.mktemp("logs"))
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder per host, with the key material that host made itself."""
+    root = tmp_path_factory.mktemp("hosts")
+    coordinator = ["--superlink-san", "127.0.0.1,localhost", "--superexec-secret"]
+    assert fedct_certs("--out", str(root / "coordinator" / "pki"), *coordinator) == 0
+    for site in (*REGISTERED, "intruder"):
+        args = ("--out", str(root / site / "pki"), "--sites", site, "--superexec-secret")
+        assert fedct_certs(*args) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def coordinator(hosts: Path, processes: Processes) -> Coordinator:
+    """The SuperLink (TLS, SuperNode auth, process isolation) and the ServerApp's SuperExec,
+    with the hospitals' public keys registered."""
+    host = hosts / "coordinator"
+    pki = host / "pki"
+    env = host_env(host / "flwr-home")
+    port = free_port()
+    (host / "flwr-home" / "config.toml").write_text(
+        '[superlink]\ndefault = "fedct"\n\n'
+        f'[superlink.fedct]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{pki / "ca.crt"}"\n\n'
+        f'[superlink.plaintext]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    secret = ["--superexec-auth-secret-file", str(pki / "superexec.secret")]
+    superlink = processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(pki / "ca.crt"),
+            "--ssl-certfile",
+            str(pki / "superlink.crt"),
+            "--ssl-keyfile",
+            str(pki / "superlink.key"),
+            "--enable-supernode-auth",
+            "--isolation",
+            "process",
+            "--database",
+            str(host / "state.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *secret,
+        ],
+        env,
+    )
+    wait_for_port(port, superlink)
+    processes.start(
+        "superexec-serverapp",
+        [
+            str(BIN / "flower-superexec"),
+            "--runtime-api-address",
+            f"127.0.0.1:{port}",
+            "--root-certificates",
+            str(pki / "ca.crt"),
+            *secret,
+        ],
+        env,
+    )
+    for site in REGISTERED:
+        public_key = hosts / site / "pki" / "supernodes" / f"{site}.pub"
+        done = flwr(env, "supernode", "register", str(public_key), "fedct", "--name", site)
+        assert done.returncode == 0 and "registered successfully" in done.stdout, done.stdout
+    return Coordinator(port, env, pki / "ca.crt", superlink)
+
+
+def start_hospital(
+    processes: Processes,
+    hosts: Path,
+    coordinator: Coordinator,
+    site: str,
+    *,
+    transport: list[str],
+    node_config: str = "",
+) -> subprocess.Popen[bytes]:
+    """A hospital's SuperNode (process isolation, its own runtime API port)."""
+    host = hosts / site
+    runtime_port = free_port()
+    command = [
+        str(BIN / "flower-supernode"),
+        "--superlink",
+        f"127.0.0.1:{coordinator.port}",
+        *transport,
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--superexec-auth-secret-file",
+        str(host / "pki" / "superexec.secret"),
+    ]
+    if node_config:
+        command += ["--node-config", node_config]
+    supernode = processes.start(f"supernode-{site}", command, host_env(host / "flwr-home"))
+    if node_config:
+        processes.start(
+            f"superexec-{site}",
+            [
+                str(BIN / "flower-superexec"),
+                "--runtime-api-address",
+                f"127.0.0.1:{runtime_port}",
+                "--insecure",  # the SuperNode's runtime API listens on loopback only
+                "--superexec-auth-secret-file",
+                str(host / "pki" / "superexec.secret"),
+            ],
+            host_env(host / "flwr-home"),
+        )
+    return supernode
+
+
+def tls_with_key(hosts: Path, coordinator: Coordinator, site: str) -> list[str]:
+    key = hosts / site / "pki" / "supernodes" / f"{site}.key"
+    return ["--root-certificates", str(coordinator.ca), "--auth-supernode-private-key", str(key)]
+
+
+def test_a_supernode_with_an_unregistered_key_is_refused(
+    hosts: Path, coordinator: Coordinator, processes: Processes
+) -> None:
+    intruder = start_hospital(
+        processes,
+        hosts,
+        coordinator,
+        "intruder",
+        transport=tls_with_key(hosts, coordinator, "intruder"),
+    )
+    assert intruder.wait(timeout=60) != 0
+    log = processes.log(intruder)
+    assert "Failed to activate SuperNode" in log and "Exit Code: 305" in log, log
+    assert "No SuperNode found with the given public key" in processes.log(coordinator.superlink)
+    assert node_statuses(coordinator) == ["registered"] * len(REGISTERED)
+
+
+def test_plaintext_clients_are_refused(
+    hosts: Path, coordinator: Coordinator, processes: Processes
+) -> None:
+    plaintext = start_hospital(
+        processes,
+        hosts,
+        coordinator,
+        "hospital-c",
+        transport=["--insecure", "--max-retries", "2", "--max-wait-time", "30"],
+    )
+    assert plaintext.wait(timeout=90) != 0
+    log = processes.log(plaintext)
+    # The TLS port drops plaintext HTTP before any answer: "Server disconnected without
+    # sending a response" or "Connection reset by peer", never an API error code.
+    assert "Giving up reconnection" in log and "Exit Code: 305" in log, log
+    assert "[code: " not in log, log
+
+    listed = flwr(coordinator.env, "ls", "plaintext")
+    assert listed.returncode != 0
+    assert "Connection to the SuperLink is unavailable" in listed.stdout + listed.stderr
+    assert node_statuses(coordinator) == ["registered"] * len(REGISTERED)
+
+
+def test_two_rounds_over_tls_with_authenticated_supernodes(
+    hosts: Path,
+    coordinator: Coordinator,
+    processes: Processes,
+    site_caches: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    started = time.monotonic()
+    for site, cache in zip(SITES, (site_caches["site_a"], site_caches["site_b"]), strict=True):
+        start_hospital(
+            processes,
+            hosts,
+            coordinator,
+            site,
+            transport=tls_with_key(hosts, coordinator, site),
+            node_config=f'data-path="{cache}" site="{site}" device="cpu"',
+        )
+    deadline = time.monotonic() + 90
+    while node_statuses(coordinator).count("online") < len(SITES):
+        assert time.monotonic() < deadline, "the hospitals' SuperNodes did not come online"
+        time.sleep(2)
+
+    run_dir = tmp_path / "runs" / "tls"
+    run_config = write_run_config(
+        tmp_path / "run.toml",
+        {
+            "num-server-rounds": 2,
+            "backbone": "test_efficientnet",
+            "batch-size": 4,
+            "lr": 0.01,
+            "device": "cpu",
+            "external-caches": f"ext={site_caches['external']}",
+            "run-dir": str(run_dir),
+            "node-wait-timeout": 120.0,
+            "round-timeout": 300.0,
+        },
+    )
+    done = flwr(
+        coordinator.env,
+        "run",
+        str(ROOT),
+        "fedct",
+        "--run-config",
+        str(run_config),
+        "--stream",
+        timeout=400,
+    )
+    print(f"deployment run took {time.monotonic() - started:.1f} s", file=sys.stderr)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # `flwr run` exits 0 even when the ServerApp fails: the run's status tells.
+    runs = json.loads(flwr(coordinator.env, "ls", "fedct", "--format", "json").stdout)["runs"]
+    assert [run["status"] for run in runs] == ["finished:completed"], done.stdout
+
+    for server_round in range(3):
+        assert (run_dir / f"round_00{server_round}.safetensors").is_file()
+        assert (run_dir / f"round_00{server_round}.card.json").is_file()
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert set(lines[-1]["sites"]) == set(SITES)
