@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m bench.demo --config configs/demo.toml
+	$(BIN)/fedct demo --config configs/demo.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,8 +15,6 @@ from flwr.clientapp import ClientApp
 from client.egress import egress_guard
 from client.local import evaluate_site, train_site
 from client.site_data import Site, resolve_site
-from client.tune_histograms import tune_histograms
-from common.operating_point_hist import BINS_KEY
 
 app = ClientApp(mods=[egress_guard])
 
@@ -40,11 +38,8 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Score the received model on the splits the coordinator names and, when it asks, add the
-    tune split's score histograms for the federated operating point."""
+    """Score the received model on the splits the coordinator names (and, when it asks, return
+    the tune split's score histograms for the federated operating point)."""
     site = resolve_site(context.node_config, context.run_config)
-    arrays, config = message.content["arrays"], message.content["config"]
-    metrics = evaluate_site(site, arrays, config)
-    if BINS_KEY in config:
-        metrics.update(tune_histograms(site, arrays, config))
+    metrics = evaluate_site(site, message.content["arrays"], message.content["config"])
     return _reply(message, site, metrics)

@@ -30,6 +30,7 @@ from common.model import (
     load_travelling_state,
     travelling_state,
 )
+from common.operating_point_hist import BINS_KEY, COVID_KEY, OTHER_KEY, score_histograms
 from common.training import TrainConfig, evaluate, train_local
 
 TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -39,7 +40,7 @@ class SiteDataError(ValueError):
     """The site has no scans for what the coordinator asked."""
 
 
-def _model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceClassifier:
+def model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceClassifier:
     """The global model as this site uses it: built from the coordinator's model config and
     seed, loaded with ``arrays``, and under FedBN with the site's own BatchNorm entries."""
     cfg = ModelConfig(**json.loads(str(config["model-config"])))
@@ -75,8 +76,13 @@ def train_site(
     private = dp_enabled(config)
     if not private:
         decline_without_dp(site)
-    model = _model_for(site, config, arrays)
-    data = CacheDataset(site.cache_dir, ["train"])
+    model = model_for(site, config, arrays)
+    data = CacheDataset(
+        site.cache_dir,
+        ["train"],
+        max_slices=int(config["train-max-slices"]),
+        seed=int(config["seed"]) + server_round,
+    )
     if len(data) == 0:
         raise SiteDataError(f"site {site.name} has no training scans")
     train_cfg = TrainConfig(
@@ -121,19 +127,15 @@ def train_site(
     return outgoing_arrays(model, str(config["transport-dtype"])), metrics
 
 
-def _split_metrics(
+def _split_scores(
     model: SliceClassifier, site: Site, split: str, batch_size: int
-) -> dict[str, float]:
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels, probabilities, loss) of the split; empty arrays and NaN for an empty split."""
     data = CacheDataset(site.cache_dir, [split])
     if len(data) == 0:
-        # Same keys as every other site, so that the coordinator can aggregate the replies.
-        summary = summarize(np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))))
-        loss = math.nan
-    else:
-        result = evaluate(model, make_loader(data, batch_size), site.device)
-        summary = summarize(result.labels, result.probs)
-        loss = result.loss
-    return {f"{split}-{key}": value for key, value in {**summary, "loss": loss}.items()}
+        return np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))), math.nan
+    result = evaluate(model, make_loader(data, batch_size), site.device)
+    return result.labels, result.probs, result.loss
 
 
 def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord:
@@ -141,13 +143,23 @@ def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> Metr
 
     Keys ``<split>-<metric>`` for loss, auc_covid, sens_covid, spec_covid, accuracy and n, the
     same at every site (NaN where a site lacks a class or the split);  ``num-examples`` is
-    the number of scans scored.
+    the number of scans scored.  When the config names a histogram size (``BINS_KEY``), the
+    tune split's scores are also summed into per-bin counts of COVID-19 and other scans for
+    the federated operating point (common/operating_point_hist.py): only counts leave the
+    site, never a scan's score; a site without a tune split sends zeros.
     """
-    model = _model_for(site, config, arrays)
+    model = model_for(site, config, arrays)
     splits = [s.strip() for s in str(config["splits"]).split(",") if s.strip()]
-    metrics: dict[str, float] = {}
+    if BINS_KEY in config and "tune" not in splits:
+        splits.append("tune")
+    metrics: dict[str, float | list[int]] = {}
     for split in splits:
-        metrics.update(_split_metrics(model, site, split, int(config["batch-size"])))
+        labels, probs, loss = _split_scores(model, site, split, int(config["batch-size"]))
+        summary = {**summarize(labels, probs), "loss": loss}
+        metrics.update({f"{split}-{key}": value for key, value in summary.items()})
+        if split == "tune" and BINS_KEY in config:
+            covid, other = score_histograms(labels, probs, int(config[BINS_KEY]))
+            metrics.update({COVID_KEY: covid.tolist(), OTHER_KEY: other.tolist()})
     scored = int(sum(metrics[f"{split}-n"] for split in splits))
     log(
         INFO,

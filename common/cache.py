@@ -164,10 +164,25 @@ def to_model_input(pixels: np.ndarray) -> torch.Tensor:
 
 
 class CacheDataset(Dataset[ScanItem]):
-    """The labelled scans of one cache, optionally restricted to some splits."""
+    """The labelled scans of one cache, optionally restricted to some splits.
 
-    def __init__(self, cache_dir: Path, splits: Sequence[str] | None = None) -> None:
+    ``max_slices`` > 0 makes every access return a fresh random subset of at most that many of
+    a scan's slices, in order: a training-time augmentation that also bounds the compute per
+    scan (the mean over a random subset is an unbiased estimate of the mean over all slices).
+    Evaluation uses every slice (``max_slices`` = 0).
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        splits: Sequence[str] | None = None,
+        *,
+        max_slices: int = 0,
+        seed: int = 0,
+    ) -> None:
         self.cache_dir = Path(cache_dir)
+        self.max_slices = max_slices
+        self._rng = np.random.default_rng(seed)
         unknown = set(splits or ()) - set(SPLITS)
         if unknown:
             raise CacheError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
@@ -187,6 +202,8 @@ class CacheDataset(Dataset[ScanItem]):
             pixels = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise CacheError(f"{path}: unreadable cached scan ({exc})") from exc
+        if 0 < self.max_slices < len(pixels):
+            pixels = pixels[np.sort(self._rng.choice(len(pixels), self.max_slices, replace=False))]
         return ScanItem(
             to_model_input(pixels), int(row["class_index"]), row["scan_id"], row["patient_id"]
         )

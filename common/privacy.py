@@ -47,7 +47,7 @@ from common.cache import ScanItem, pad_collate
 from common.device import autocast_context, autocast_dtype, pick_device
 from common.model import SliceClassifier, bn_state_keys
 from common.privacy_accounting import check_accountant, noise_for_target
-from common.training import TrainConfig, TrainResult, _make_optimizer, _proximal_anchor
+from common.training import TrainConfig, TrainResult, make_optimizer, proximal_anchor
 
 _LOG = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def make_dp_optimizer(
 ) -> DPOptimizer:
     """opacus' DPOptimizer around the AdamW/SGD of ``cfg``, clipping at ``plan.max_grad_norm``."""
     return DPOptimizer(
-        _make_optimizer(params, cfg),
+        make_optimizer(params, cfg),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=plan.expected_batch_size,  # type: ignore[arg-type]
@@ -292,7 +292,7 @@ def train_private(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_dp_optimizer(params, cfg, plan, noise)
     optimizer.zero_grad(set_to_none=True)
-    anchor = _proximal_anchor(model, global_state, device) if cfg.proximal_mu > 0 else None
+    anchor = proximal_anchor(model, global_state, device) if cfg.proximal_mu > 0 else None
     patients = patient_groups(patient_ids)
 
     loss_sum, correct, seen = 0.0, 0, 0

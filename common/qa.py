@@ -7,15 +7,16 @@ the paths themselves).
 
 from __future__ import annotations
 
-import html
 import json
 from collections import Counter
+from html import escape
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from common import html
 from common.cache import SPLITS, atomic_open
 from common.classes import GLOBAL_CLASSES
 from common.ingest.base import REASONS, Rejection
@@ -75,14 +76,6 @@ def build_qa(
     }
 
 
-def _table_html(header: list[str], body: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body
-    )
-    return f"<table><tr>{head}</tr>{rows}</table>"
-
-
 def _bars_svg(histogram: dict[str, int]) -> str:
     peak = max(histogram.values(), default=0) or 1
     width, bar = 40 * len(histogram), 32
@@ -92,10 +85,8 @@ def _bars_svg(histogram: dict[str, int]) -> str:
         x = i * 40 + 4
         parts.append(
             f'<rect x="{x}" y="{110 - height}" width="{bar}" height="{height}" fill="#3b7dd8"/>'
-            f'<text x="{x + bar / 2}" y="{105 - height}" font-size="10" text-anchor="middle">'
-            f"{count}</text>"
-            f'<text x="{x + bar / 2}" y="125" font-size="9" text-anchor="middle">'
-            f"{html.escape(name)}</text>"
+            f'<text x="{x + bar / 2}" y="{105 - height}" text-anchor="middle">{count}</text>'
+            f'<text x="{x + bar / 2}" y="125" text-anchor="middle">{escape(name)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -103,34 +94,37 @@ def _bars_svg(histogram: dict[str, int]) -> str:
 
 def render_html(qa: dict[str, Any]) -> str:
     counts = qa["counts"]
-    class_rows = [[cls, *counts[cls].values(), sum(counts[cls].values())] for cls in counts]
-    reject_rows = [[r["reason"], r["input"], r["detail"]] for r in qa["rejected"]]
-    sections = [
-        "<h1>fedct cache QA</h1>",
-        f"<p>{qa['scans']} scans of {qa['patients']} patients; settings "
-        f"{html.escape(json.dumps(qa['settings']))}; prepared in {qa['seconds']} s.</p>",
-        "<h2>Scans per class and split</h2>",
-        _table_html(["class", *SPLITS, "total"], class_rows),
-        "<h2>Slices per scan (before selection)</h2>",
-        _bars_svg(qa["slices_total_histogram"]),
-        "<h2>Slice thickness (mm)</h2>",
-        _bars_svg(qa["thickness_mm_histogram"]),
-        "<h2>Warnings</h2>",
-        _table_html(["warning", "scans"], [[k, v] for k, v in qa["warnings"].items()]),
-        "<h2>Rejected inputs</h2>",
-        _table_html(
-            ["reason", "count", "meaning"],
-            [[k, v, REASONS[k]] for k, v in qa["rejected_by_reason"].items()],
-        ),
-        _table_html(["reason", "input (salted hash)", "detail"], reject_rows),
-    ]
-    style = (
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>fedct QA</title>"
-        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>"
+    return html.page(
+        "fedct cache QA",
+        [
+            html.paragraph(
+                f"{qa['scans']} scans of {qa['patients']} patients; settings "
+                f"{json.dumps(qa['settings'])}; prepared in {qa['seconds']} s."
+            ),
+            html.section(
+                "Scans per class and split",
+                html.table(
+                    ["class", *SPLITS, "total"],
+                    [[c, *counts[c].values(), sum(counts[c].values())] for c in counts],
+                ),
+            ),
+            html.section(
+                "Slices per scan (before selection)", _bars_svg(qa["slices_total_histogram"])
+            ),
+            html.section("Slice thickness (mm)", _bars_svg(qa["thickness_mm_histogram"])),
+            html.section("Warnings", html.table(["warning", "scans"], qa["warnings"].items())),
+            html.section(
+                "Rejected inputs",
+                html.table(
+                    ["reason", "count", "meaning"],
+                    [[k, v, REASONS[k]] for k, v in qa["rejected_by_reason"].items()],
+                ),
+                html.table(
+                    ["reason", "input (salted hash)", "detail"],
+                    [[r["reason"], r["input"], r["detail"]] for r in qa["rejected"]],
+                ),
+            ),
+        ],
     )
 
 

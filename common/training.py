@@ -113,7 +113,7 @@ def _loss_weights(
     return balanced_class_weights(class_counts)
 
 
-def _make_optimizer(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -121,7 +121,7 @@ def _make_optimizer(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _proximal_anchor(
+def proximal_anchor(
     model: SliceClassifier,
     global_state: Mapping[str, Tensor | np.ndarray] | None,
     device: torch.device,
@@ -181,10 +181,10 @@ def train_local(
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg)
     weights = _loss_weights(cfg, class_counts, model.cfg.num_classes)
     weights = None if weights is None else weights.to(device)
-    anchor = _proximal_anchor(model, global_state, device) if cfg.proximal_mu > 0 else None
+    anchor = proximal_anchor(model, global_state, device) if cfg.proximal_mu > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
 
     loss_sum, correct, seen = 0.0, 0, 0

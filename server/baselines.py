@@ -79,7 +79,12 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
     )
     for cache in caches:
         check_run_settings(cache, run_config)
-    train = _pooled(caches, "train")
+    train = ConcatDataset(
+        [
+            CacheDataset(c, ["train"], max_slices=settings.train_max_slices, seed=settings.seed)
+            for c in caches
+        ]
+    )
     if len(train) == 0:
         raise SettingsError(f"no training scans in {', '.join(map(str, caches))}")
     counts = np.sum([CacheDataset(c, ["train"]).class_counts() for c in caches], axis=0)

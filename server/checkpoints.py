@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from common.cache import atomic_open
+from common.checkpoint_io import jsonable
 
 
 class CheckpointError(RuntimeError):
@@ -41,19 +42,6 @@ class Checkpoint:
     round: int
     arrays: dict[str, np.ndarray]
     strategy_state: dict[str, np.ndarray]
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with NaN/inf replaced by None and numpy scalars by Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _stem(server_round: int) -> str:

@@ -91,6 +91,7 @@ class ServerSettings:
     cross_site: bool
     cross_site_local_models: bool
     privacy: DPSettings
+    train_max_slices: int
 
     @classmethod
     def from_run_config(cls, run_config: UserConfig) -> ServerSettings:
@@ -147,6 +148,7 @@ class ServerSettings:
             cross_site=bool(get("cross-site")),
             cross_site_local_models=bool(get("cross-site-local-models")),
             privacy=privacy,
+            train_max_slices=int(get("train-max-slices")),
         )
         settings.check()
         for cache in settings.external_caches.values():
@@ -178,6 +180,8 @@ class ServerSettings:
             problems.append("dp needs class-weighting = none (balanced weights use every patient)")
         if self.privacy.enabled and self.model.norm != "group":
             problems.append('dp needs norm = "group" (BatchNorm mixes patients in a batch)')
+        if self.train_max_slices < 0:
+            problems.append("train-max-slices must be >= 0 (0 = every selected slice)")
         if self.operating_point_rule not in HIST_RULES:
             problems.append(f"operating-point-rule must be one of {', '.join(HIST_RULES)}")
         if not 0.0 <= self.operating_point_min_specificity <= 1.0:
@@ -211,6 +215,7 @@ class ServerSettings:
                 "optimizer": self.training.optimizer,
                 "weight-decay": self.training.weight_decay,
                 "class-weighting": self.training.class_weighting,
+                "train-max-slices": self.train_max_slices,
                 **self.privacy.to_config(),
             }
         )

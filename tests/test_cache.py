@@ -67,3 +67,14 @@ def test_manifest_is_sorted_and_complete(tmp_path: Path) -> None:
     rows = read_manifest(_tiny_cache(tmp_path))
     assert [r["scan_id"] for r in rows] == ["s0", "s1", "s2"]
     assert rows[0]["warnings"] == ""
+
+
+def test_max_slices_draws_ordered_random_subsets(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    write_scan(root, "s0", np.arange(10, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2))
+    write_manifest(root, [{"scan_id": "s0", "patient_id": "p", "class_index": 1, "split": "train"}])
+    dataset = CacheDataset(root, max_slices=3, seed=0)
+    draws = [dataset[0].pixels[:, 0, 0, 0] for _ in range(5)]
+    assert all(len(d) == 3 and torch.all(d[1:] > d[:-1]) for d in draws)
+    assert len({tuple(d.tolist()) for d in draws}) > 1
+    assert CacheDataset(root)[0].pixels.shape[0] == 10
