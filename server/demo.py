@@ -84,25 +84,37 @@ def prepare_all(cohort: Path, settings: dict[str, Any]) -> tuple[list[Path], Pat
     return caches, external
 
 
-def run_demo(config_path: Path) -> int:
-    began = time.perf_counter()
-    config = load_config(config_path)
+def demo_run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Synthesize and prepare what ``config`` describes (reusing what is there) and return the
+    run-config overrides of its ``[run]`` section with the caches and preprocessing filled in
+    (paths absolute)."""
     cohort = ensure_cohort(config["synth"])
     sites, external = prepare_all(cohort, config["prepare"])
+    prepared = config["prepare"]
     run = dict(config["run"])
     run.setdefault("run-dir", f"demo/runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    overrides = resolve_paths(
+    return resolve_paths(
         {
             **run,
             "site-caches": ",".join(map(str, sites)),
             "external-caches": f"{EXTERNAL}={external}",
-            "image-size": config["prepare"]["size"],
-            "slice-fraction": config["prepare"]["fraction"],
-            "normalize": config["prepare"]["normalize"],
+            "image-size": prepared["size"],
+            "slice-fraction": prepared["fraction"],
+            "normalize": prepared["normalize"],
         }
     )
+
+
+def client_cpus(config: dict[str, Any]) -> int:
+    return int(config.get("simulation", {}).get("client-cpus", 1))
+
+
+def run_demo(config_path: Path) -> int:
+    began = time.perf_counter()
+    config = load_config(config_path)
+    overrides = demo_run_config(config)
     prepared = time.perf_counter()
-    code = simulate(overrides, client_cpus=int(config.get("simulation", {}).get("client-cpus", 1)))
+    code = simulate(overrides, client_cpus=client_cpus(config))
     done = time.perf_counter()
     console.print(
         f"demo: data ready in {prepared - began:.0f} s, federated training in "

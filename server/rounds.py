@@ -125,6 +125,7 @@ class Federation:
         return replies, len(messages), sent_bytes
 
     def _train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
+        phase_started = time.monotonic()
         config = self.settings.train_config(self.run_key)
         messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
         replies, sent, down_bytes = self.exchange(messages)
@@ -163,6 +164,7 @@ class Federation:
             "aggregated": aggregated,
             "download-bytes": down_bytes,
             "upload-bytes": sum(p["upload-bytes"] for p in participants),
+            "phase-seconds": round(time.monotonic() - phase_started, 3),
         }
 
     def _evaluate(
@@ -217,6 +219,7 @@ class Federation:
             "kept_previous_model": train.get("kept_previous_model"),
             "download-bytes": train.get("download-bytes", 0),
             "upload-bytes": train.get("upload-bytes", 0),
+            "train-phase-seconds": train.get("phase-seconds"),
             "train": train.get("aggregated", {}),
             "federated": federated,
             "central": central,

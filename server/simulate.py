@@ -92,12 +92,18 @@ def build_run_config(config: Path | None, assignments: list[str]) -> dict[str, A
     if config is not None:
         with open(config, "rb") as handle:
             overrides.update(tomllib.load(handle))
+    return resolve_paths(apply_assignments(overrides, assignments))
+
+
+def apply_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``overrides`` with each ``KEY=VALUE`` (a TOML value, or a bare string) applied."""
+    overrides = dict(overrides)
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep:
             raise SimulateError(f"--set {assignment!r}: expected KEY=VALUE")
         overrides[key.strip()] = _parse_value(value.strip())
-    return resolve_paths(overrides)
+    return overrides
 
 
 def resolve_paths(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,353 @@
+"""Federated round overhead and the cost of float16 transport, on the demo cohort.
+
+Prepares the demo's data as ``fedct demo`` does (``[synth]`` and ``[prepare]`` of the config;
+a cohort and caches already there are reused), then simulates the run of its ``[run]``
+section twice, with ``transport-dtype`` float32 and float16 and everything else equal (same
+seed).  For every round ≥ 1 of each run it reads the round's wall time (``seconds`` in
+metrics.jsonl) and the slowest participant's ``train-seconds`` (the round's model card), and
+the bytes of weights each client uploaded and downloaded.  Prints one table and the targets,
+and writes every figure and the run config to bench/results/fl_overhead.json.
+
+Targets: mean round wall time ≤ 1.10 × the slowest client's training (float32, the demo
+config); float16 upload bytes per client ≤ 0.5 × float32; |Δ final external AUC| ≤ 0.005.
+
+    python -m bench.fl_overhead [--config configs/demo.toml] [--rounds N] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from common.cache import CacheError
+from server.checkpoints import RunDirectory
+from server.demo import client_cpus, demo_run_config, load_config
+from server.simulate import SimulateError, apply_assignments, resolve_paths, simulate
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = RESULTS / "runs"
+DTYPES = ("float32", "float16")
+OVERHEAD_TARGET = 1.10
+BYTES_TARGET = 0.5
+AUC_TARGET = 0.005
+ROUND_CONTENT = (
+    "a round's wall time covers waiting for the nodes, the train phase (weights sent, local "
+    "training, replies, aggregation), federated evaluation (every site scores its tune and test "
+    "splits and sends tune histograms), central evaluation on the external set(s) and the "
+    "checkpoint; the train phase alone (sending weights to the sites, local training, replies, "
+    "aggregation) is recorded separately as train-phase-seconds"
+)
+
+
+class BenchError(RuntimeError):
+    """A run of the benchmark did not finish."""
+
+
+# What a bad config, a foreign cache or a failed run raise (DemoError is a ValueError).
+BENCH_ERRORS = (BenchError, SimulateError, CacheError, ValueError, KeyError, OSError)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """The demo's run config (paths absolute, ``--set`` applied) and CPUs per simulated site."""
+
+    overrides: dict[str, Any]
+    client_cpus: int
+
+
+def prepare_demo(config_path: Path, assignments: list[str]) -> DemoRun:
+    """The demo cohort and caches of ``config_path`` (reused when present) and its run config
+    with ``assignments`` applied on top."""
+    config = load_config(config_path)
+    overrides = resolve_paths(apply_assignments(demo_run_config(config), assignments))
+    return DemoRun(overrides, client_cpus(config))
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """``--config``, ``--set`` and ``--out``, the arguments of every federated benchmark."""
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key of the config's [run] (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, default=out, help="the JSON file of the figures")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "platform": f"{platform.machine()} {platform.system()}",
+        "cores": os.cpu_count() or 1,
+        "python": sys.version.split()[0],
+    }
+
+
+def fresh_run_dir(path: Path) -> Path:
+    """``path`` made absolute and emptied of an earlier run of the benchmark."""
+    path = path.resolve()
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def simulate_fresh(demo: DemoRun, run_dir: Path, **changes: Any) -> tuple[RunDirectory, float]:
+    """Simulate the demo run with ``changes`` in a fresh ``run_dir``; the run and its wall
+    seconds (Flower start-up included)."""
+    path = fresh_run_dir(run_dir)
+    began = time.perf_counter()
+    code = simulate(
+        {**demo.overrides, **changes, "run-dir": str(path)}, client_cpus=demo.client_cpus
+    )
+    seconds = time.perf_counter() - began
+    if code != 0:
+        raise BenchError(f"the simulation in {path} did not finish")
+    return RunDirectory(path), seconds
+
+
+def external_aucs(central: dict[str, Any]) -> dict[str, float | None]:
+    """``<set>-auc_covid`` of a central evaluation, by external set."""
+    return {
+        key.removesuffix("-auc_covid"): value
+        for key, value in sorted(central.items())
+        if key.endswith("-auc_covid")
+    }
+
+
+def round_figures(line: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """Wall time against the slowest participant's training, and bytes per client, of a round."""
+    participants = card.get("train", {}).get("participants", [])
+    slowest = max(participants, key=lambda p: p["metrics"]["train-seconds"], default=None)
+    slowest_seconds = slowest["metrics"]["train-seconds"] if slowest else None
+    n = len(participants)
+    return {
+        "round": line["round"],
+        "participants": n,
+        "failures": line.get("failures", 0),
+        "seconds": line["seconds"],
+        "slowest_site": slowest["site"] if slowest else None,
+        "slowest_train_seconds": slowest_seconds,
+        "ratio": line["seconds"] / slowest_seconds if slowest_seconds else None,
+        "train_phase_seconds": line.get("train-phase-seconds"),
+        "train_phase_ratio": _ratio(line.get("train-phase-seconds"), slowest_seconds),
+        "upload_bytes_per_client": line["upload-bytes"] / n if n else None,
+        # Every node sampled gets the same weights; the count is exact when none failed.
+        "download_bytes_per_client": (
+            line["download-bytes"] / n if n and not line.get("failures") else None
+        ),
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def run_figures(run_dir: RunDirectory, wall_seconds: float) -> dict[str, Any]:
+    """Per-round figures of a finished run (rounds ≥ 1), their means and the final AUCs."""
+    metrics = run_dir.metrics()
+    rounds = [
+        round_figures(line, run_dir.read_json(run_dir.card_path(line["round"]).name) or {})
+        for line in metrics
+        if line["round"] >= 1
+    ]
+    return {
+        "run_dir": str(run_dir.path),
+        "run_config": (run_dir.read_json("run_config.json") or {}).get("run_config"),
+        "wall_seconds": round(wall_seconds, 3),
+        "round0_seconds": metrics[0]["seconds"],
+        "rounds": rounds,
+        "mean_ratio": _mean([r["ratio"] for r in rounds]),
+        "mean_ratio_from_round2": _mean([r["ratio"] for r in rounds if r["round"] >= 2]),
+        "mean_train_phase_ratio": _mean([r["train_phase_ratio"] for r in rounds]),
+        "mean_upload_bytes_per_client": _mean([r["upload_bytes_per_client"] for r in rounds]),
+        "mean_download_bytes_per_client": _mean([r["download_bytes_per_client"] for r in rounds]),
+        "final_round": metrics[-1]["round"],
+        "final_auc": external_aucs(metrics[-1]["central"]),
+    }
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def _difference(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else value - reference
+
+
+def targets(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The three targets of the issue, each with its figure and whether it is met."""
+    fp32, fp16 = runs["float32"], runs["float16"]
+    up32, up16 = fp32["mean_upload_bytes_per_client"], fp16["mean_upload_bytes_per_client"]
+    bytes_ratio = _ratio(up16, up32)
+    auc_change = {
+        name: _difference(fp16["final_auc"].get(name), auc)
+        for name, auc in fp32["final_auc"].items()
+    }
+    changes = list(auc_change.values())
+    return {
+        "overhead": {
+            "figure": fp32["mean_train_phase_ratio"],
+            "whole_round": fp32["mean_ratio"],
+            "target": f"≤ {OVERHEAD_TARGET}",
+            "met": fp32["mean_train_phase_ratio"] is not None
+            and fp32["mean_train_phase_ratio"] <= OVERHEAD_TARGET,
+        },
+        "fp16_bytes": {
+            "figure": bytes_ratio,
+            "download_ratio": _ratio(
+                fp16["mean_download_bytes_per_client"], fp32["mean_download_bytes_per_client"]
+            ),
+            # With F bytes of floating-point data and X bytes that keep their size (each
+            # array's serialization header, integer buffers): F + X = up32, F / 2 + X = up16.
+            "fixed_bytes_per_message": None if up32 is None or up16 is None else 2 * up16 - up32,
+            "target": f"≤ {BYTES_TARGET}",
+            "met": bytes_ratio is not None and bytes_ratio <= BYTES_TARGET,
+        },
+        "fp16_auc": {
+            "figure": auc_change,
+            "target": f"|Δ| ≤ {AUC_TARGET}",
+            "met": bool(changes) and all(c is not None and abs(c) <= AUC_TARGET for c in changes),
+        },
+    }
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def figures_table(runs: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="federated round overhead and transport bytes")
+    for column in (
+        "dtype",
+        "round",
+        "sites",
+        "round s",
+        "slowest train s",
+        "ratio",
+        "up B/site",
+        "down B/site",
+    ):
+        table.add_column(column, justify="right")
+    for dtype, run in runs.items():
+        for r in run["rounds"]:
+            table.add_row(
+                dtype,
+                str(r["round"]),
+                f"{r['participants']}" + (f" ({r['failures']} failed)" if r["failures"] else ""),
+                _fmt(r["seconds"], ".2f"),
+                _fmt(r["slowest_train_seconds"], ".2f"),
+                _fmt(r["ratio"], ".2f"),
+                _fmt(r["upload_bytes_per_client"], ",.0f"),
+                _fmt(r["download_bytes_per_client"], ",.0f"),
+            )
+        table.add_row(
+            dtype,
+            "mean",
+            "",
+            "",
+            "",
+            _fmt(run["mean_ratio"], ".2f"),
+            _fmt(run["mean_upload_bytes_per_client"], ",.0f"),
+            _fmt(run["mean_download_bytes_per_client"], ",.0f"),
+            end_section=True,
+        )
+    return table
+
+
+def report(result: dict[str, Any], console: Console) -> None:
+    runs, met = result["runs"], result["targets"]
+    console.print(figures_table(runs))
+    for dtype, run in runs.items():
+        aucs = ", ".join(f"{name} {_fmt(auc, '.4f')}" for name, auc in run["final_auc"].items())
+        console.print(
+            f"{dtype}: final external AUC (round {run['final_round']}) {aucs}; "
+            f"round 0 (central evaluation + checkpoint only) {run['round0_seconds']:.2f} s; "
+            f"simulation wall {run['wall_seconds']:.1f} s"
+        )
+    console.print(f"note: {ROUND_CONTENT}.")
+    machine = result["machine"]
+    if machine["sites"] > machine["sites_at_once"]:
+        console.print(
+            f"note: {machine['sites']} sites, {machine['cores']} cores, client-cpus "
+            f"{machine['client_cpus']}: at most {machine['sites_at_once']} simulated site(s) "
+            "train at once, so a round waits for sites that queue behind others."
+        )
+
+    def verdict(ok: bool) -> str:
+        return "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+
+    overhead, size, auc = met["overhead"], met["fp16_bytes"], met["fp16_auc"]
+    console.print(
+        f"{verdict(overhead['met'])} train-phase overhead (float32, mean train phase / slowest "
+        f"client's training, rounds ≥ 1): {_fmt(overhead['figure'], '.3f')} "
+        f"{overhead['target']}; whole round / slowest client: "
+        f"{_fmt(overhead['whole_round'], '.3f')}, rounds ≥ 2: "
+        f"{_fmt(runs['float32']['mean_ratio_from_round2'], '.3f')} (round 1 also starts the "
+        "simulated sites: Ray backend, actors, first imports)"
+    )
+    console.print(
+        f"{verdict(size['met'])} float16 / float32 upload bytes per client: "
+        f"{_fmt(size['figure'], '.4f')} {size['target']} "
+        f"(download {_fmt(size['download_ratio'], '.4f')}; bytes per message that do not "
+        f"halve — array headers, integer buffers: {_fmt(size['fixed_bytes_per_message'], ',.0f')})"
+    )
+    changes = ", ".join(f"{name} {_fmt(c, '+.4f')}" for name, c in auc["figure"].items())
+    console.print(
+        f"{verdict(auc['met'])} final external AUC, float16 − float32: {changes} {auc['target']}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_demo_arguments(parser, RESULTS / "fl_overhead.json")
+    parser.add_argument("--rounds", type=int, help="num-server-rounds (default: the config's)")
+    args = parser.parse_args()
+
+    work = RUNS / "fl_overhead"
+    assignments = args.set + ([f"num-server-rounds={args.rounds}"] if args.rounds else [])
+    try:
+        demo = prepare_demo(args.config, assignments)
+        runs = {}
+        for dtype in DTYPES:
+            run_dir, seconds = simulate_fresh(demo, work / dtype, **{"transport-dtype": dtype})
+            runs[dtype] = run_figures(run_dir, seconds)
+    except BENCH_ERRORS as exc:
+        sys.exit(f"error: {exc}")
+    host = machine()
+    sites = len(demo.overrides["site-caches"].split(","))
+    result = {
+        "config": str(args.config),
+        "set": assignments,
+        "run_config": {k: v for k, v in demo.overrides.items() if k != "run-dir"},
+        "machine": {
+            **host,
+            "client_cpus": demo.client_cpus,
+            "sites": sites,
+            "sites_at_once": max(1, host["cores"] // demo.client_cpus),
+        },
+        "round_content": ROUND_CONTENT,
+        "runs": runs,
+        "targets": targets(runs),
+    }
+    report(result, Console())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The figures of the federated benchmarks, read from small hand-written run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.fl_overhead import run_figures, targets
+from bench.fl_vs_baselines import summarize_run
+from server.checkpoints import RunDirectory
+
+
+def write_run(path: Path, upload: int, aucs: list[float], tune: list[float]) -> RunDirectory:
+    """Rounds 0..len(aucs)-1 of a two-site run: round r takes 2r + 1 s, its sites r and 2r s."""
+    run_dir = RunDirectory(path)
+    path.mkdir()
+    for r, (auc, tune_auc) in enumerate(zip(aucs, tune, strict=True)):
+        participants = [
+            {"site": site, "upload-bytes": upload, "metrics": {"train-seconds": seconds}}
+            for site, seconds in (("a", float(r)), ("b", 2.0 * r))
+        ]
+        line = {
+            "seconds": 2.0 * r + 1,
+            "failures": 0,
+            "upload-bytes": 2 * upload if r else 0,
+            "download-bytes": 2 * upload if r else 0,
+            "federated": {"tune-auc_covid": tune_auc},
+            "central": {"mosmed-auc_covid": auc, "mosmed-loss": 1.0},
+        }
+        card = {"train": {"participants": participants}} if r else {}
+        run_dir.save_round(r, {"w": np.zeros(1, np.float32)}, card, line, {})
+        run_dir.update_best(r, "tune-auc_covid", tune_auc)
+    return run_dir
+
+
+def test_overhead_figures_and_targets(tmp_path: Path) -> None:
+    fp32 = run_figures(write_run(tmp_path / "32", 1000, [0.5, 0.7, 0.8], [0.5, 0.9, 0.6]), 9.0)
+    fp16 = run_figures(write_run(tmp_path / "16", 520, [0.5, 0.7, 0.803], [0.5, 0.9, 0.6]), 9.0)
+
+    assert [(r["round"], r["ratio"], r["slowest_site"]) for r in fp32["rounds"]] == [
+        (1, 1.5, "b"),
+        (2, 1.25, "b"),
+    ]
+    assert fp32["mean_ratio"] == pytest.approx(1.375)
+    assert fp32["mean_ratio_from_round2"] == pytest.approx(1.25)
+    assert fp32["round0_seconds"] == 1.0
+    assert fp32["mean_upload_bytes_per_client"] == fp32["mean_download_bytes_per_client"] == 1000
+    assert fp32["final_auc"] == {"mosmed": 0.8}
+
+    met = targets({"float32": fp32, "float16": fp16})
+    assert not met["overhead"]["met"]
+    assert met["fp16_bytes"]["figure"] == pytest.approx(0.52)
+    assert met["fp16_bytes"]["fixed_bytes_per_message"] == 40
+    assert not met["fp16_bytes"]["met"]
+    assert met["fp16_auc"]["figure"]["mosmed"] == pytest.approx(0.003)
+    assert met["fp16_auc"]["met"]
+
+
+def test_summary_reads_the_best_round(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", 1000, [0.5, 0.7, 0.8], [0.5, 0.9, 0.6])
+    summary = summarize_run(run_dir, 12.0)
+    assert summary["final_auc"] == {"mosmed": 0.8}
+    assert (summary["best_round"], summary["best_metric"]) == (1, "tune-auc_covid")
+    assert summary["best_round_auc"] == {"mosmed": 0.7}
+    assert summary["round_seconds"] == 9.0
