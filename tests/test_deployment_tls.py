@@ -410,6 +410,7 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(
         {
             "num-server-rounds": 2,
             "backbone": "test_efficientnet",
+            "image-size": 32,
             "batch-size": 4,
             "lr": 0.01,
             "device": "cpu",

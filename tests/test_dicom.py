@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
@@ -197,7 +198,6 @@ def test_slices_sort_by_position_not_by_name(tmp_path: Path) -> None:
 
 
 def test_matches_simpleitk_order_and_values(tmp_path: Path) -> None:
-    sitk = pytest.importorskip("SimpleITK")
     hu = phantom(7, seed=3)
     scanner = ScannerProfile(signed=False, rescale_slope=0.5)
     _, paths = write_series(tmp_path / "w", hu, seed=12, scanner=scanner, naming="uid")

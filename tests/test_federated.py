@@ -203,7 +203,10 @@ def test_flwr_run_simulation_end_to_end(
     home = tmp_path / "flwr-home"
     env = flower_environment(home)
     request.addfinalizer(lambda: stop_local_flower(home))
-    overrides = {k: run_config[k] for k in ("backbone", "batch-size", "lr", "device", "run-dir")}
+    overrides = {
+        k: run_config[k]
+        for k in ("backbone", "image-size", "batch-size", "lr", "device", "run-dir")
+    }
     overrides |= {k: run_config[k] for k in ("site-caches", "external-caches")}
     overrides |= {"num-server-rounds": 2, "transport-dtype": "float16"}
     run_config_file = write_run_config(tmp_path / "run-config.toml", overrides)

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import re
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -32,16 +31,6 @@ def tree(root: Path) -> dict[str, bytes]:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, cohort.CohortSummary]:
     out = tmp_path_factory.mktemp("tiny") / "cohort"
     return out, synthesize(out, "tiny", seed=0, progress=False)
-
-
-def test_tiny_cohort_is_quick(tiny, capsys) -> None:
-    _, summary = tiny
-    with capsys.disabled():
-        print(
-            f"\ntiny cohort: {summary.files} files, {summary.bytes / 1e6:.1f} MB, "
-            f"{summary.seconds:.1f} s"
-        )
-    assert summary.seconds < 30  # a few seconds on an idle machine; shared CI cores are slower
 
 
 def test_same_seed_gives_the_same_bytes(tiny, tmp_path: Path) -> None:
@@ -263,17 +252,12 @@ def test_difficulty_and_kind_are_checked() -> None:
         render_scan("flu", 1, rng, (12, 64, 64), (25.0, 5.5, 5.5))  # type: ignore[arg-type]
 
 
-def test_full_size_series_time(tmp_path: Path, capsys) -> None:
+def test_full_size_series_renders_and_writes(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    started = time.perf_counter()
     hu = render_scan("covid", 2, rng, (60, 512, 512), (5.0, 0.7, 0.7))
-    rendered = time.perf_counter()
     spec = SeriesSpec("DOE^JANE^K", "PID483920", make_uid(rng), make_uid(rng))
-    write_ct_series(tmp_path, hu, spec, HOSPITALS[0].acquisition.scanners[0].storage, rng=rng)
-    written = time.perf_counter()
-    with capsys.disabled():
-        print(
-            f"\nfull-size 60x512x512 series: render {rendered - started:.2f} s, "
-            f"write {written - rendered:.2f} s"
-        )
+    paths = write_ct_series(
+        tmp_path, hu, spec, HOSPITALS[0].acquisition.scanners[0].storage, rng=rng
+    )
+    assert len(paths) == 60
     assert hu.shape == (60, 512, 512) and hu.dtype == np.float32
