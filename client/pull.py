@@ -2,9 +2,11 @@
 
 ``--model REF --out FILE`` streams the weights into a temporary file next to FILE while
 checking their size and sha256 against the model card; only a verified download is renamed
-to FILE, and the card is written to ``FILE.card.json``.  ``--model REF --card`` prints the
-card; ``--list`` prints every checkpoint (run:round, bytes, sha256, best/latest).  REF is
-RUN:ROUND, RUN:best, RUN:latest or latest (the latest round of the newest run).
+to FILE, and the card is written beside it as ``NAME.card.json`` (``model.safetensors`` →
+``model.card.json``, the run directory's convention, so ``fedct evaluate`` finds it).
+``--model REF --card`` prints the card; ``--list`` prints every checkpoint (run:round,
+bytes, sha256, best/latest).  REF is RUN:ROUND, RUN:best, RUN:latest or latest (the latest
+round of the newest run).
 Exit status: 0 done; 1 the registry refused, or the data failed verification; 2 bad input.
 """
 
@@ -77,6 +79,11 @@ def _auth(token: str) -> tuple[tuple[str, str]]:
     return ((AUTH_HEADER, BEARER + token),)
 
 
+def card_file(out: Path) -> Path:
+    """The card file beside weights written to ``out``: ``X.safetensors`` → ``X.card.json``."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".card.json")
+
+
 def _card_sha256(card_json: str) -> str | None:
     try:
         card = json.loads(card_json)
@@ -116,14 +123,14 @@ def _receive(
 
 
 def pull(stub: registry_pb2_grpc.ModelRegistryStub, ref: ModelRef, out: Path, token: str) -> Pulled:
-    """Download ``ref`` to ``out`` and its card to ``out.card.json``, or write nothing.
+    """Download ``ref`` to ``out`` and its card to :func:`card_file`, or write nothing.
 
     Raises :class:`PullError` when the data fail verification and ``grpc.RpcError`` when
     the registry refuses.
     """
     started = time.monotonic()
     stream = stub.Download(registry_pb2.ModelRef(ref=str(ref)), metadata=_auth(token))
-    card_path = out.with_name(out.name + ".card.json")
+    card_path = card_file(out)
     parts = [path.with_name(f".{path.name}.{os.getpid()}.part") for path in (out, card_path)]
     try:
         first = next(stream, None)
@@ -174,7 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", help="RUN:ROUND, RUN:best, RUN:latest or latest")
     what.add_argument("--list", action="store_true", help="list every checkpoint")
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--out", type=Path, help="file to write the weights to (+ FILE.card.json)")
+    how.add_argument("--out", type=Path, help="file to write the weights to (+ its .card.json)")
     how.add_argument("--card", action="store_true", help="print the model card only")
 
 
@@ -217,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
                 done = pull(stub, ref, out, token)
                 print(
                     f"pulled {done.run}:{done.round}: {done.size} bytes in {done.seconds:.1f} s, "
-                    f"sha256 verified ({done.sha256}) → {out} + {out.name}.card.json"
+                    f"sha256 verified ({done.sha256}) → {out} + {card_file(out).name}"
                 )
         except grpc.RpcError as exc:
             console.print(

@@ -157,10 +157,13 @@ def load_checkpoint(path: Path, *, slice_chunk: int | None = None) -> LoadedMode
     """
     card_path = card_path_for(path)
     card = read_card(card_path)
-    name = card.get("checkpoint")
-    if not isinstance(name, str) or not name:
-        raise CheckpointLoadError(f"{card_path}: model card names no checkpoint file")
-    weights_path = card_path.with_name(name)
+    if Path(path).suffix == WEIGHTS_SUFFIX:
+        weights_path = Path(path)  # e.g. a pulled model.safetensors, renamed from round_NNN
+    else:
+        name = card.get("checkpoint")
+        if not isinstance(name, str) or not name:
+            raise CheckpointLoadError(f"{card_path}: model card names no checkpoint file")
+        weights_path = card_path.with_name(name)
     try:
         blob = weights_path.read_bytes()
     except OSError as exc:

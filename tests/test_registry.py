@@ -213,11 +213,11 @@ def test_pull_writes_verified_weights_and_card(
     assert _pull(address, pki, token_file, "--model", ref, "--out", str(out)) == 0
     source = RunDirectory(runs / run)
     assert out.read_bytes() == source.weights_path(server_round).read_bytes()
-    card = json.loads((tmp_path / "model.safetensors.card.json").read_text())
+    card = json.loads((tmp_path / "model.card.json").read_text())
     assert card["round"] == server_round and card["sha256"] == _sha256(out)
     assert load_file(out)["weight"].shape == (300_000,)
     assert f"pulled {run}:{server_round}" in capsys.readouterr().out
-    assert sorted(path.name for path in tmp_path.iterdir()) == [out.name, f"{out.name}.card.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([out.name, "model.card.json"])
 
 
 def test_wrong_token_is_refused_and_nothing_written(
