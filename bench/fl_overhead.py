@@ -225,7 +225,7 @@ def targets(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
+def fmt(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
@@ -248,11 +248,11 @@ def figures_table(runs: dict[str, dict[str, Any]]) -> Table:
                 dtype,
                 str(r["round"]),
                 f"{r['participants']}" + (f" ({r['failures']} failed)" if r["failures"] else ""),
-                _fmt(r["seconds"], ".2f"),
-                _fmt(r["slowest_train_seconds"], ".2f"),
-                _fmt(r["ratio"], ".2f"),
-                _fmt(r["upload_bytes_per_client"], ",.0f"),
-                _fmt(r["download_bytes_per_client"], ",.0f"),
+                fmt(r["seconds"], ".2f"),
+                fmt(r["slowest_train_seconds"], ".2f"),
+                fmt(r["ratio"], ".2f"),
+                fmt(r["upload_bytes_per_client"], ",.0f"),
+                fmt(r["download_bytes_per_client"], ",.0f"),
             )
         table.add_row(
             dtype,
@@ -260,9 +260,9 @@ def figures_table(runs: dict[str, dict[str, Any]]) -> Table:
             "",
             "",
             "",
-            _fmt(run["mean_ratio"], ".2f"),
-            _fmt(run["mean_upload_bytes_per_client"], ",.0f"),
-            _fmt(run["mean_download_bytes_per_client"], ",.0f"),
+            fmt(run["mean_ratio"], ".2f"),
+            fmt(run["mean_upload_bytes_per_client"], ",.0f"),
+            fmt(run["mean_download_bytes_per_client"], ",.0f"),
             end_section=True,
         )
     return table
@@ -272,7 +272,7 @@ def report(result: dict[str, Any], console: Console) -> None:
     runs, met = result["runs"], result["targets"]
     console.print(figures_table(runs))
     for dtype, run in runs.items():
-        aucs = ", ".join(f"{name} {_fmt(auc, '.4f')}" for name, auc in run["final_auc"].items())
+        aucs = ", ".join(f"{name} {fmt(auc, '.4f')}" for name, auc in run["final_auc"].items())
         console.print(
             f"{dtype}: final external AUC (round {run['final_round']}) {aucs}; "
             f"round 0 (central evaluation + checkpoint only) {run['round0_seconds']:.2f} s; "
@@ -293,19 +293,19 @@ def report(result: dict[str, Any], console: Console) -> None:
     overhead, size, auc = met["overhead"], met["fp16_bytes"], met["fp16_auc"]
     console.print(
         f"{verdict(overhead['met'])} train-phase overhead (float32, mean train phase / slowest "
-        f"client's training, rounds ≥ 1): {_fmt(overhead['figure'], '.3f')} "
+        f"client's training, rounds ≥ 1): {fmt(overhead['figure'], '.3f')} "
         f"{overhead['target']}; whole round / slowest client: "
-        f"{_fmt(overhead['whole_round'], '.3f')}, rounds ≥ 2: "
-        f"{_fmt(runs['float32']['mean_ratio_from_round2'], '.3f')} (round 1 also starts the "
+        f"{fmt(overhead['whole_round'], '.3f')}, rounds ≥ 2: "
+        f"{fmt(runs['float32']['mean_ratio_from_round2'], '.3f')} (round 1 also starts the "
         "simulated sites: Ray backend, actors, first imports)"
     )
     console.print(
         f"{verdict(size['met'])} float16 / float32 upload bytes per client: "
-        f"{_fmt(size['figure'], '.4f')} {size['target']} "
-        f"(download {_fmt(size['download_ratio'], '.4f')}; bytes per message that do not "
-        f"halve — array headers, integer buffers: {_fmt(size['fixed_bytes_per_message'], ',.0f')})"
+        f"{fmt(size['figure'], '.4f')} {size['target']} "
+        f"(download {fmt(size['download_ratio'], '.4f')}; bytes per message that do not "
+        f"halve — array headers, integer buffers: {fmt(size['fixed_bytes_per_message'], ',.0f')})"
     )
-    changes = ", ".join(f"{name} {_fmt(c, '+.4f')}" for name, c in auc["figure"].items())
+    changes = ", ".join(f"{name} {fmt(c, '+.4f')}" for name, c in auc["figure"].items())
     console.print(
         f"{verdict(auc['met'])} final external AUC, float16 − float32: {changes} {auc['target']}"
     )

@@ -32,6 +32,7 @@ from bench.fl_overhead import (
     DemoRun,
     add_demo_arguments,
     external_aucs,
+    fmt,
     fresh_run_dir,
     machine,
     prepare_demo,
@@ -86,10 +87,6 @@ def run_all(demo: DemoRun, strategies: list[str]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def auc_table(rows: dict[str, dict[str, Any]], best_metric: str) -> Table:
     externals = sorted({name for row in rows.values() for name in row["final_auc"]})
     table = Table(
@@ -106,9 +103,9 @@ def auc_table(rows: dict[str, dict[str, Any]], best_metric: str) -> Table:
     for label, row in rows.items():
         cells = [label]
         for name in externals:
-            cells += [_fmt(row["final_auc"].get(name)), _fmt(row["best_round_auc"].get(name))]
+            cells += [fmt(row["final_auc"].get(name)), fmt(row["best_round_auc"].get(name))]
         best_round = "–" if row["best_round"] is None else str(row["best_round"])
-        cells += [best_round, _fmt(row["wall_seconds"], ".1f"), _fmt(row["round_seconds"], ".1f")]
+        cells += [best_round, fmt(row["wall_seconds"], ".1f"), fmt(row["round_seconds"], ".1f")]
         table.add_row(*cells)
     return table
 

@@ -251,7 +251,6 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
-        parse_normalization(cfg.normalize)
         result = prepare(args.input, args.out, cfg, labels=args.labels, label_map=args.label_map)
     except (ValueError, FileNotFoundError, CacheError, LabelsError, LabelMapError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -79,15 +79,14 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
     )
     for cache in caches:
         check_run_settings(cache, run_config)
-    train = ConcatDataset(
-        [
-            CacheDataset(c, ["train"], max_slices=settings.train_max_slices, seed=settings.seed)
-            for c in caches
-        ]
-    )
+    site_train = {
+        c.name: CacheDataset(c, ["train"], max_slices=settings.train_max_slices, seed=settings.seed)
+        for c in caches
+    }
+    train = ConcatDataset(list(site_train.values()))
     if len(train) == 0:
         raise SettingsError(f"no training scans in {', '.join(map(str, caches))}")
-    counts = np.sum([CacheDataset(c, ["train"]).class_counts() for c in caches], axis=0)
+    counts = np.sum([data.class_counts() for data in site_train.values()], axis=0)
     model = GlobalModel(settings.model, settings.seed)
     evaluator = CentralEvaluator(
         model,
@@ -138,7 +137,7 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
         line = {
             "time": created,
             "seconds": round(time.monotonic() - started, 3),
-            "sites": {c.name: len(CacheDataset(c, ["train"])) for c in caches},
+            "sites": {name: len(data) for name, data in site_train.items()},
             "train": train_metrics,
             "federated": federated,
             "central": central,

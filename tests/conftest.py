@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.cache import write_manifest, write_scan, write_settings
+from server.settings import app_defaults as read_app_defaults
 
-ROOT = Path(__file__).resolve().parents[1]
 # Bright slices for COVID-19, dark for normal, mid for pneumonia: learnable in a round or two.
 CLASS_LEVELS = {0: 40, 1: 120, 2: 210}
 
@@ -71,8 +70,7 @@ def site_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def app_defaults() -> dict[str, Any]:
     """The run-config defaults of pyproject.toml."""
-    with open(ROOT / "pyproject.toml", "rb") as handle:
-        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    return read_app_defaults()
 
 
 @pytest.fixture
