@@ -5,9 +5,10 @@ Allowed in a reply:
 
 * arrays only in a reply to a ``train`` message: one ArrayRecord, named as the one received,
   holding exactly the model's travelling state (every parameter and buffer, or the head only
-  with a frozen backbone) with the model's shapes, floating-point entries in the
-  ``transport-dtype`` and the others in the model's dtype.  The model is the one described by
-  the ``model-config`` of the incoming message, built on the meta device;
+  with a frozen backbone) packed as common/transport.py packs it: one array of every
+  floating-point value in the ``transport-dtype`` and one of the integer values, each of the
+  model's size.  The model is the one described by the ``model-config`` of the incoming
+  message, built on the meta device;
 * metrics whose values are numbers; lists only under the histogram keys, when the coordinator
   asked for histograms, as that many non-negative integer counts;
 * one ConfigRecord, ``site``, with one key, ``name``: this site's name.  It is the only string.
@@ -32,7 +33,6 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Array, ConfigRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
@@ -42,6 +42,7 @@ from flwr.common.constant import ErrorCode
 from client.site_data import resolve_site
 from common.model import ModelConfig, build_model, travelling_state
 from common.operating_point_hist import BINS_KEY, COVID_KEY, OTHER_KEY
+from common.transport import Layout
 
 AUDIT_FILE = "fedct-audit.jsonl"
 CONFIG_RECORD = "config"
@@ -61,19 +62,16 @@ class Violation:
 
 
 @lru_cache(maxsize=4)
-def expected_arrays(model_config: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name → (shape, dtype) of the travelling state of the model of ``model_config`` (the
-    JSON the coordinator sends).  Built on the meta device and materialised uninitialised:
-    nothing is computed, and no pretrained weights are read."""
+def model_layout(model_config: str) -> Layout:
+    """The travelling-state layout of the model of ``model_config`` (the JSON the coordinator
+    sends).  Built on the meta device and materialised uninitialised: nothing is computed,
+    and no pretrained weights are read."""
     fields = {**json.loads(model_config), "pretrained_weights": None, "pretrained_from_hub": False}
     cfg = ModelConfig(**fields)
     with torch.device("meta"):
         model = build_model(cfg)
     model.to_empty(device="cpu")
-    return {
-        name: (tuple(value.shape), str(value.numpy().dtype))
-        for name, value in travelling_state(model, cfg).items()
-    }
+    return Layout.of(travelling_state(model, cfg))
 
 
 def _names(names: Iterable[str]) -> str:
@@ -95,8 +93,8 @@ def _array_violations(request: Message, reply: Message) -> list[Violation]:
     if len(records) > 1 or not set(records) <= set(request.content.array_records):
         return [Violation("array records other than the model's", f"records {_names(records)}")]
     config = request.content[CONFIG_RECORD]
-    expected = expected_arrays(str(config["model-config"]))
-    transport = str(config["transport-dtype"])
+    layout = model_layout(str(config["model-config"]))
+    expected = layout.packed_shapes(str(config["transport-dtype"]))
     (record,) = records.values()
     out = []
     if extra := set(record) - set(expected):
@@ -105,8 +103,7 @@ def _array_violations(request: Message, reply: Message) -> list[Violation]:
         out.append(Violation("arrays that are not the model's", f"missing {_names(missing)}"))
     wrong = []
     for name in set(expected) & set(record):
-        shape, model_dtype = expected[name]
-        dtype = transport if np.dtype(model_dtype).kind == "f" else model_dtype
+        shape, dtype = expected[name]
         array = record[name]
         value = array.numpy()
         fits = value.shape == shape == tuple(array.shape) and str(value.dtype) == dtype

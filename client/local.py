@@ -32,8 +32,7 @@ from common.model import (
 )
 from common.operating_point_hist import BINS_KEY, COVID_KEY, OTHER_KEY, score_histograms
 from common.training import TrainConfig, evaluate, train_local
-
-TRANSPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+from common.transport import Layout, check_layout
 
 
 class SiteDataError(ValueError):
@@ -50,17 +49,19 @@ def model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceCla
     cfg = replace(cfg, pretrained_weights=str(weights) if weights else None)
     torch.manual_seed(int(config["seed"]))
     model = build_model(cfg)
-    load_travelling_state(model, arrays.to_torch_state_dict(), cfg)
+    layout = Layout.of(travelling_state(model, cfg))
+    check_layout(config, layout)
+    load_travelling_state(model, layout.unpack(arrays), cfg)
     if bool(config["fedbn"]):
         restore_local_bn(model, local_bn_path(site.state_dir, str(config["run-key"])))
     return model
 
 
 def outgoing_arrays(model: SliceClassifier, transport: str) -> ArrayRecord:
-    """The model's travelling state, floating-point entries in the ``transport`` dtype."""
-    dtype = TRANSPORT_DTYPES[transport]
+    """The model's travelling state packed for the coordinator, floating-point entries in the
+    ``transport`` dtype (common/transport.py)."""
     state = travelling_state(model, model.cfg)
-    return ArrayRecord({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    return Layout.of(state).pack(state, transport)
 
 
 def train_site(

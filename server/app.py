@@ -58,12 +58,7 @@ def main(grid: Grid, context: Context) -> None:
         {"run_key": run_key, "first_round": first_round, "run_config": dict(context.run_config)},
     )
     log(INFO, "run directory: %s", run_dir.path)
-    evaluator = CentralEvaluator(
-        model,
-        settings.external_caches,
-        batch_size=settings.training.batch_size,
-        device=settings.device,
-    )
+    evaluator = CentralEvaluator.for_run(model, settings)
     federation = Federation(
         grid, strategy, settings, run_dir, model, evaluator, context.run_config, run_key
     )

@@ -1,27 +1,16 @@
-"""Global-model arrays on the server: dtype bookkeeping, transport casts and byte counts.
+"""Global-model arrays on the server: dtype bookkeeping and byte counts.
 
-Weights travel in ``transport-dtype`` (float32 or float16) but are aggregated, evaluated and
-checkpointed with the model's own dtypes, which the initial model fixes: replies are cast
-back before aggregation, and the aggregate (in which averaging has turned integer buffers
-such as BatchNorm's ``num_batches_tracked`` into float64) is cast back after it.
+Weights travel packed in ``transport-dtype`` (common/transport.py) but are aggregated,
+evaluated and checkpointed with the model's own dtypes, which the initial model fixes:
+replies are unpacked into them before aggregation, and the aggregate (in which averaging
+has turned integer buffers such as BatchNorm's ``num_batches_tracked`` into float64) is
+cast back after it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-
-TRANSPORT_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def transport_dtype(name: str) -> type[np.floating]:
-    """The numpy dtype of a ``transport-dtype`` setting; ValueError for unknown names."""
-    try:
-        return TRANSPORT_DTYPES[name]
-    except KeyError as exc:
-        raise ValueError(
-            f"transport-dtype must be one of {sorted(TRANSPORT_DTYPES)}, got {name!r}"
-        ) from exc
 
 
 def dtypes_of(arrays: ArrayRecord) -> dict[str, np.dtype]:
@@ -43,16 +32,12 @@ def conform(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
     return out
 
 
-def cast_floating(arrays: ArrayRecord, dtype: type[np.floating]) -> ArrayRecord:
-    """``arrays`` with floating-point entries cast to ``dtype``; integer entries untouched."""
-    out = ArrayRecord()
-    for key, array in arrays.items():
-        current = np.dtype(array.dtype)
-        needs_cast = np.issubdtype(current, np.floating) and current != dtype
-        out[key] = Array(array.numpy().astype(dtype)) if needs_cast else array
-    return out
+def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """An ArrayRecord of numpy arrays, in the order given."""
+    return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in state.items()})
 
 
 def payload_bytes(arrays: ArrayRecord) -> int:
-    """Bytes of array data in a record, the size that crosses the network per message."""
+    """Bytes of array data in a record (each array's ``.npy`` header included): what crosses
+    the network per message, less the few hundred bytes of message framing."""
     return sum(len(array.data) for array in arrays.values())

@@ -88,12 +88,7 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
         raise SettingsError(f"no training scans in {', '.join(map(str, caches))}")
     counts = np.sum([data.class_counts() for data in site_train.values()], axis=0)
     model = GlobalModel(settings.model, settings.seed)
-    evaluator = CentralEvaluator(
-        model,
-        settings.external_caches,
-        batch_size=settings.training.batch_size,
-        device=settings.device,
-    )
+    evaluator = CentralEvaluator.for_run(model, settings)
     run_dir = RunDirectory(settings.run_dir)
     run_key = run_dir.claim()
     run_dir.write_json(

@@ -17,6 +17,7 @@ from common.cache import CacheDataset, make_loader
 from common.metrics import summarize
 from common.training import evaluate
 from server.global_model import GlobalModel
+from server.settings import ServerSettings
 
 
 class CentralEvaluator:
@@ -30,6 +31,16 @@ class CentralEvaluator:
         self.loaders = {
             name: make_loader(CacheDataset(path), batch_size) for name, path in caches.items()
         }
+
+    @classmethod
+    def for_run(cls, model: GlobalModel, settings: ServerSettings) -> CentralEvaluator:
+        """The evaluator of a run: its external caches, batch size and device."""
+        return cls(
+            model,
+            settings.external_caches,
+            batch_size=settings.training.batch_size,
+            device=settings.device,
+        )
 
     def __call__(self) -> dict[str, float]:
         """Score the global model's current weights on every external set."""

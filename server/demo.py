@@ -25,7 +25,7 @@ from common.cache import CacheError
 from common.prepare import PrepareConfig, prepare
 from common.qa import print_summary
 from common.synth.cohort import synthesize
-from server.simulate import SimulateError, resolve_paths, simulate
+from server.simulate import Resources, SimulateError, resolve_paths, simulate
 
 console = Console(stderr=True)
 EXTERNAL = "mosmed"
@@ -52,6 +52,9 @@ def ensure_cohort(synth: dict[str, Any]) -> Path:
     out = Path(synth["out"])
     record = out / "cohort.json"
     wanted = {"profile": synth["profile"], "seed": synth["seed"]}
+    scans = synth.get("scans-per-site")
+    if scans is not None:
+        wanted["scans_per_site"] = scans
     if record.exists():
         existing = json.loads(record.read_text())
         same = all(existing.get(k) == v for k, v in wanted.items())
@@ -59,7 +62,9 @@ def ensure_cohort(synth: dict[str, Any]) -> Path:
             console.print(f"reusing the synthetic cohort in {out}")
             return out
         raise DemoError(f"{out} holds another cohort ({record}); remove it or change [synth] out")
-    summary = synthesize(out, synth["profile"], sites=synth["sites"], seed=synth["seed"])
+    summary = synthesize(
+        out, synth["profile"], sites=synth["sites"], scans_per_site=scans, seed=synth["seed"]
+    )
     console.print(summary.line())
     return out
 
@@ -105,8 +110,15 @@ def demo_run_config(config: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def client_cpus(config: dict[str, Any]) -> int:
-    return int(config.get("simulation", {}).get("client-cpus", 1))
+def resources(config: dict[str, Any]) -> Resources:
+    """The ``[simulation]`` section: ``client-cpus``, ``client-gpus`` and ``cpus``."""
+    section = config.get("simulation", {})
+    cpus = section.get("cpus")
+    return Resources(
+        int(section.get("client-cpus", 1)),
+        float(section.get("client-gpus", 0.0)),
+        None if cpus is None else int(cpus),
+    )
 
 
 def run_demo(config_path: Path) -> int:
@@ -114,7 +126,7 @@ def run_demo(config_path: Path) -> int:
     config = load_config(config_path)
     overrides = demo_run_config(config)
     prepared = time.perf_counter()
-    code = simulate(overrides, client_cpus=client_cpus(config))
+    code = simulate(overrides, resources=resources(config))
     done = time.perf_counter()
     console.print(
         f"demo: data ready in {prepared - began:.0f} s, federated training in "

@@ -26,7 +26,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.classes import GLOBAL_CLASSES
 from common.operating_point import OperatingPoint
-from server.arrays import cast_floating, conform, dtypes_of, payload_bytes, transport_dtype
+from common.transport import LAYOUT_KEY, Layout, TransportError
+from server.arrays import conform, dtypes_of, payload_bytes, to_record
 from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
 from server.global_model import GlobalModel
@@ -87,8 +88,9 @@ class Federation:
         self.evaluator = evaluator
         self.run_config = dict(run_config)
         self.run_key = run_key
-        self.dtypes = dtypes_of(model.arrays())
-        self.transport = transport_dtype(settings.transport_dtype)
+        initial = model.arrays()
+        self.dtypes = dtypes_of(initial)
+        self.layout = Layout.of(initial)
         self.local_models: dict[str, LocalModel] = {}
 
     def run(self, arrays: ArrayRecord, first_round: int) -> ArrayRecord:
@@ -107,32 +109,48 @@ class Federation:
         return arrays
 
     def exchange(self, messages: Iterable[Message]) -> tuple[list[Message], int, int]:
-        """Send ``messages`` with their arrays in the transport dtype.
+        """Send ``messages`` with their arrays packed in the transport dtype and the layout's
+        fingerprint in their config (common/transport.py).
 
         Returns the replies, the number of messages sent and the bytes of arrays sent.
         """
         messages = list(messages)
         key = self.strategy.arrayrecord_key
-        cast: dict[int, ArrayRecord] = {}
-        sent_bytes = 0
-        for message in messages:
-            record = message.content[key]
-            if id(record) not in cast:
-                cast[id(record)] = cast_floating(record, self.transport)
-            message.content[key] = cast[id(record)]
-            sent_bytes += payload_bytes(cast[id(record)])
+        # Flower's strategies may give several messages one shared content: read every
+        # message's record before replacing any.
+        records = [message.content[key] for message in messages]
+        packed: dict[int, ArrayRecord] = {}
+        for record in records:
+            if id(record) not in packed:
+                packed[id(record)] = self.layout.pack(record, self.settings.transport_dtype)
+        for message, record in zip(messages, records, strict=True):
+            message.content[key] = packed[id(record)]
+            message.content[self.strategy.configrecord_key][LAYOUT_KEY] = self.layout.fingerprint
+        sent_bytes = sum(payload_bytes(packed[id(record)]) for record in records)
         replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
         return replies, len(messages), sent_bytes
 
     def _train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         phase_started = time.monotonic()
-        config = self.settings.train_config(self.run_key)
+        config = self.settings.train_config(self.run_key, server_round)
         messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
         replies, sent, down_bytes = self.exchange(messages)
         ok, failed = split_replies(replies)
-        participants = []
+        participants, accepted, rejected = [], [], []
         for reply in ok:
             (key, record), *_ = reply.content.array_records.items()
+            try:
+                unpacked = to_record(self.layout.unpack(record))
+            except TransportError as exc:
+                log(
+                    WARNING,
+                    "round %d: ignoring a reply of %s: %s",
+                    server_round,
+                    site_name(reply),
+                    exc,
+                )
+                rejected.append({"node_id": reply.metadata.src_node_id, "reason": str(exc)})
+                continue
             metrics = reply_metrics(reply)
             participants.append(
                 {
@@ -143,23 +161,24 @@ class Federation:
                     "metrics": metrics,
                 }
             )
-            reply.content[key] = conform(record, self.dtypes)
+            reply.content[key] = unpacked
+            accepted.append(reply)
             if self.settings.cross_site:
                 self.local_models[site_name(reply)] = LocalModel(
-                    reply.metadata.src_node_id, server_round, reply.content[key]
+                    reply.metadata.src_node_id, server_round, unpacked
                 )
-        reason = shortfall(len(ok), sent, self.settings.min_train_replies)
+        reason = shortfall(len(accepted), sent, self.settings.min_train_replies)
         aggregated: dict[str, Any] = {}
         if reason is not None:
             log(WARNING, "round %d: %s", server_round, reason)
         else:
-            new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+            new_arrays, metrics = self.strategy.aggregate_train(server_round, accepted + failed)
             if new_arrays is not None:
                 arrays = conform(new_arrays, self.dtypes)
             aggregated = dict(metrics or {})
         return arrays, {
             "participants": participants,
-            "failures": _failures(failed, sent, len(replies)),
+            "failures": _failures(failed, sent, len(replies)) + rejected,
             "kept_previous_model": reason,
             "aggregated": aggregated,
             "download-bytes": down_bytes,

@@ -8,6 +8,7 @@ paths are resolved against the working directory of the ServerApp process.
 from __future__ import annotations
 
 import json
+import math
 import time
 import tomllib
 from dataclasses import asdict, dataclass
@@ -21,10 +22,11 @@ from common.model import ModelConfig
 from common.operating_point_hist import BINS_KEY, HIST_BINS, HIST_RULES
 from common.privacy import DPSettings
 from common.training import TrainConfig
-from server.arrays import TRANSPORT_DTYPES
+from common.transport import TRANSPORT_DTYPES
 from server.strategies import STRATEGIES
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def app_defaults() -> dict[str, Any]:
@@ -92,6 +94,7 @@ class ServerSettings:
     cross_site_local_models: bool
     privacy: DPSettings
     train_max_slices: int
+    lr_schedule: str
 
     @classmethod
     def from_run_config(cls, run_config: UserConfig) -> ServerSettings:
@@ -107,6 +110,7 @@ class ServerSettings:
                 pool=str(get("pool")),  # type: ignore[arg-type]
                 norm=str(get("norm")),  # type: ignore[arg-type]
                 freeze_backbone=bool(get("freeze-backbone")),
+                dropout=float(get("dropout")),
                 pretrained_weights=str(_path(weights)) if weights else None,
             )
             # Checked here, so that a typo stops the run instead of failing at every site.
@@ -149,6 +153,7 @@ class ServerSettings:
             cross_site_local_models=bool(get("cross-site-local-models")),
             privacy=privacy,
             train_max_slices=int(get("train-max-slices")),
+            lr_schedule=str(get("lr-schedule")).strip().lower(),
         )
         settings.check()
         for cache in settings.external_caches.values():
@@ -180,6 +185,8 @@ class ServerSettings:
             problems.append("dp needs class-weighting = none (balanced weights use every patient)")
         if self.privacy.enabled and self.model.norm != "group":
             problems.append('dp needs norm = "group" (BatchNorm mixes patients in a batch)')
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.train_max_slices < 0:
             problems.append("train-max-slices must be >= 0 (0 = every selected slice)")
         if self.operating_point_rule not in HIST_RULES:
@@ -204,14 +211,24 @@ class ServerSettings:
             "transport-dtype": self.transport_dtype,
         }
 
-    def train_config(self, run_key: str) -> ConfigRecord:
-        """What every train message carries (Flower adds ``server-round``, FedProx
-        ``proximal-mu``).  ``run_key`` names the run's site-side state (FedBN)."""
+    def round_lr(self, server_round: int) -> float:
+        """The sites' learning rate in ``server_round`` (1-based): ``lr`` throughout, or with
+        ``lr-schedule = "cosine"`` decayed from ``lr`` in round 1 along half a cosine over
+        ``num-server-rounds`` (a resumed run continues the same curve)."""
+        if self.lr_schedule == "constant":
+            return self.training.lr
+        progress = (server_round - 1) / self.num_rounds
+        return self.training.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def train_config(self, run_key: str, server_round: int) -> ConfigRecord:
+        """What every train message of ``server_round`` carries (Flower adds
+        ``server-round``, FedProx ``proximal-mu``).  ``run_key`` names the run's site-side
+        state (FedBN)."""
         return ConfigRecord(
             {
                 **self._shared_config(run_key),
                 "local-epochs": self.training.local_epochs,
-                "lr": self.training.lr,
+                "lr": self.round_lr(server_round),
                 "optimizer": self.training.optimizer,
                 "weight-decay": self.training.weight_decay,
                 "class-weighting": self.training.class_weighting,

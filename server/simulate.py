@@ -22,6 +22,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="GPU share per simulated site (0.5 lets two sites share one GPU; default 0)",
+    )
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        help="CPUs the simulation hands out (default: the machine's cores); more than the "
+        "cores lets more sites train at once, sharing them",
     )
     parser.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the Flower app directory")
     parser.add_argument(
@@ -236,13 +243,38 @@ def local_flower(flwr_home: Path | None) -> Iterator[tuple[Path, dict[str, str]]
             shutil.rmtree(home, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What each simulated site may use, and how many CPUs Ray hands out in all (``cpus``,
+    None for the machine's cores).  Sites train at once as far as ``cpus // client_cpus``
+    allows; a site that does not fit waits for one to finish.  On a 2-core machine,
+    ``cpus = 3`` lets three one-CPU sites train together (each a little slower) instead of
+    two, then the third alone on one core."""
+
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.client_cpus < 1 or self.client_gpus < 0:
+            raise SimulateError("client-cpus must be at least 1 and client-gpus not negative")
+        if self.cpus is not None and self.cpus < self.client_cpus:
+            raise SimulateError(f"cpus ({self.cpus}) is less than client-cpus ({self.client_cpus})")
+
+    def sites_at_once(self, sites: int) -> int:
+        cpus = self.cpus if self.cpus is not None else os.cpu_count() or 1
+        return max(1, min(sites, cpus // self.client_cpus))
+
+
 def flwr_run_command(
-    app: Path, run_config_file: Path, num_supernodes: int, client_cpus: int, client_gpus: float
+    app: Path, run_config_file: Path, num_supernodes: int, resources: Resources
 ) -> list[str]:
     federation = (
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
-        f"client-resources-num-gpus={client_gpus}"
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={resources.client_cpus} "
+        f"client-resources-num-gpus={resources.client_gpus}"
     )
+    if resources.cpus is not None:
+        federation += f" init-args-num-cpus={resources.cpus}"
     return [
         str(Path(sys.executable).parent / "flwr"),
         "run",
@@ -296,8 +328,7 @@ def simulate(
     *,
     app: Path = PROJECT_ROOT,
     flwr_home: Path | None = None,
-    client_cpus: int = 1,
-    client_gpus: float = 0.0,
+    resources: Resources = Resources(),
 ) -> int:
     """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when every
     round was checkpointed."""
@@ -305,10 +336,11 @@ def simulate(
     sites = overrides["site-caches"].split(",")
     with local_flower(flwr_home) as (home, env):
         run_config_file = write_run_config(home / "run-config.toml", overrides)
-        console.print(f"simulating {len(sites)} sites; run directory {run_dir}")
-        command = flwr_run_command(
-            app.resolve(), run_config_file, len(sites), client_cpus, client_gpus
+        console.print(
+            f"simulating {len(sites)} sites, {resources.sites_at_once(len(sites))} at once; "
+            f"run directory {run_dir}"
         )
+        command = flwr_run_command(app.resolve(), run_config_file, len(sites), resources)
         returncode = subprocess.run(command, env=env, check=False).returncode
     directory = RunDirectory(run_dir)
     metrics = directory.metrics()
@@ -327,13 +359,8 @@ def run(args: argparse.Namespace) -> int:
     """Simulate one run; 0 when every round was checkpointed."""
     try:
         overrides = build_run_config(args.config, args.set)
+        resources = Resources(args.client_cpus, args.client_gpus, args.cpus)
     except (SimulateError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    return simulate(
-        overrides,
-        app=args.app,
-        flwr_home=args.flwr_home,
-        client_cpus=args.client_cpus,
-        client_gpus=args.client_gpus,
-    )
+    return simulate(overrides, app=args.app, flwr_home=args.flwr_home, resources=resources)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 
-from bench.fl_overhead import run_figures, targets
+from bench.fl_overhead import rounding_effect, run_figures, targets
 from bench.fl_vs_baselines import summarize_run
+from server.app import main
 from server.checkpoints import RunDirectory
 
 
@@ -54,6 +57,14 @@ def test_overhead_figures_and_targets(tmp_path: Path) -> None:
     assert met["fp16_bytes"]["figure"] == pytest.approx(0.52)
     assert met["fp16_bytes"]["fixed_bytes_per_message"] == 40
     assert not met["fp16_bytes"]["met"]
+    # A few header bytes over half: met at the 4 decimals the target is judged at, and
+    # recorded as not met exactly.
+    aucs, tune = [0.5, 0.7, 0.8], [0.5, 0.9, 0.6]
+    big32 = run_figures(write_run(tmp_path / "b32", 1_000_000, aucs, tune), 9.0)
+    big16 = run_figures(write_run(tmp_path / "b16", 500_010, aucs, tune), 9.0)
+    near = targets({"float32": big32, "float16": big16})["fp16_bytes"]
+    assert near["figure"] == pytest.approx(0.50001)
+    assert near["met"] and not near["met_exactly"]
     assert met["fp16_auc"]["figure"]["mosmed"] == pytest.approx(0.003)
     assert met["fp16_auc"]["met"]
 
@@ -65,3 +76,18 @@ def test_summary_reads_the_best_round(tmp_path: Path) -> None:
     assert (summary["best_round"], summary["best_metric"]) == (1, "tune-auc_covid")
     assert summary["best_round_auc"] == {"mosmed": 0.7}
     assert summary["round_seconds"] == 9.0
+
+
+def test_rounding_effect_rescores_the_final_model(
+    site_caches: dict[str, Path], run_config: dict[str, Any], task_identity: None, make_grid: Any
+) -> None:
+    nodes = [{"data-path": str(site_caches[s]), "site": s} for s in ("site_a", "site_b")]
+    config = {**run_config, "num-server-rounds": 1, "cross-site": False}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    main(make_grid(nodes, config), context)
+
+    run_dir = RunDirectory(Path(config["run-dir"]))
+    effect = rounding_effect(run_dir)
+    recorded = run_dir.metrics()[-1]["central"]["ext-auc_covid"]
+    assert effect["float32"]["ext"] == pytest.approx(recorded)
+    assert abs(effect["change"]["ext"]) <= 0.05

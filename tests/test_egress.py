@@ -29,6 +29,7 @@ import client.app as hospital
 from client.egress import egress_guard
 from common.cache import read_manifest, scan_path
 from common.model import ModelConfig, build_model, travelling_state
+from common.transport import FLOATING, INTEGER, LAYOUT_KEY, Layout
 from server.app import main
 from server.settings import ServerSettings
 
@@ -51,20 +52,22 @@ def _context(node_config: dict[str, Any], run_config: dict[str, Any]) -> Context
 def _request(run_config: dict[str, Any], message_type: str, cfg: ModelConfig = TINY) -> Message:
     settings = ServerSettings.from_run_config({**run_config, "transport-dtype": "float16"})
     if message_type == MessageType.TRAIN:
-        config = settings.train_config("k1")
+        config = settings.train_config("k1", 1)
     else:
         config = settings.evaluate_config("k1")
     config["model-config"] = json.dumps(asdict(cfg))
     config["server-round"] = 3
     torch.manual_seed(0)
-    arrays = ArrayRecord(travelling_state(build_model(cfg), cfg))
-    content = RecordDict({"arrays": arrays, "config": config})
+    state = travelling_state(build_model(cfg), cfg)
+    layout = Layout.of(state)
+    config[LAYOUT_KEY] = layout.fingerprint
+    content = RecordDict({"arrays": layout.pack(state, "float32"), "config": config})
     return Message(content=content, dst_node_id=10, message_type=message_type)
 
 
 def _honest_train_reply(request: Message) -> Message:
-    """What a site sends after training: the model in float16 (the transport dtype), its
-    metrics and its name; no training, to keep the test fast."""
+    """What a site sends after training: the packed model in float16 (the transport dtype),
+    its metrics and its name; no training, to keep the test fast."""
     arrays = ArrayRecord()
     for key, array in request.content["arrays"].items():
         value = array.numpy()
@@ -103,8 +106,8 @@ def test_an_honest_train_reply_passes_and_is_audited(
     assert line["blocked"] is False and line["reasons"] == []
     assert (line["run"], line["round"], line["message_type"]) == (1, 3, "train")
     assert set(line["records"]) == {"arrays", "metrics", "site"}
-    shape = list(request.content["arrays"]["head.weight"].shape)
-    assert line["arrays"]["arrays"]["head.weight"] == [shape, "float16"]
+    shape = list(request.content["arrays"][FLOATING].shape)
+    assert line["arrays"]["arrays"][FLOATING] == [shape, "float16"]
     assert line["metric_keys"] == {"metrics": ["num-examples", "train-loss"]}
     assert line["bytes"] > 0 and line["time"].endswith("+00:00")
 
@@ -149,16 +152,17 @@ def _with_pixel_metric(reply: Message, leak: Leak) -> None:
 
 
 def _with_wrong_shape(reply: Message, leak: Leak) -> None:
-    reply.content["arrays"]["head.weight"] = Array(np.zeros((3, 7), np.float16))
+    value = reply.content["arrays"][FLOATING].numpy()
+    reply.content["arrays"][FLOATING] = Array(np.concatenate([value, value[:7]]))
 
 
 def _with_float32(reply: Message, leak: Leak) -> None:
-    value = reply.content["arrays"]["head.bias"].numpy()
-    reply.content["arrays"]["head.bias"] = Array(value.astype(np.float32))
+    value = reply.content["arrays"][FLOATING].numpy()
+    reply.content["arrays"][FLOATING] = Array(value.astype(np.float32))
 
 
 def _without_an_array(reply: Message, leak: Leak) -> None:
-    del reply.content["arrays"]["head.bias"]
+    del reply.content["arrays"][INTEGER]
 
 
 NOT_THE_MODEL = "arrays that are not the model's"
@@ -215,7 +219,9 @@ def test_head_only_mode_allows_the_head_only(
     frozen = ModelConfig(backbone="test_efficientnet", freeze_backbone=True)
     context = _context(site_a, run_config)
     head = _request(run_config, MessageType.TRAIN, frozen)
-    assert set(head.content["arrays"]) == {"head.weight", "head.bias"}
+    assert set(head.content["arrays"]) == {FLOATING}
+    head_size = sum(p.numel() for p in build_model(frozen).head.parameters())
+    assert head.content["arrays"][FLOATING].shape == (head_size,)
     assert not _guarded(head, context, lambda m, c: _honest_train_reply(m)).has_error()
 
     whole = _request(run_config, MessageType.TRAIN)

@@ -13,17 +13,21 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+from flwr.app import Array, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
+import client.app as hospital
 from client.fedbn import local_bn_path
 from client.local import evaluate_site, train_site
 from client.site_data import SiteConfigError, resolve_site
 from common.model import ModelConfig, bn_state_keys, build_model, travelling_state
+from common.transport import FLOATING, LAYOUT_KEY, Layout
 from server.app import main
 from server.robust import NodeWaitTimeout
-from server.settings import ServerSettings
+from server.settings import ServerSettings, SettingsError
 from server.simulate import (
+    Resources,
     flower_environment,
     flwr_run_command,
     stop_local_flower,
@@ -33,15 +37,20 @@ from server.simulate import (
 TINY = ModelConfig(backbone="test_efficientnet")
 
 
-def _global_arrays(seed: int = 0) -> ArrayRecord:
+def _global_state(seed: int = 0) -> dict[str, np.ndarray]:
     torch.manual_seed(seed)
-    return ArrayRecord(travelling_state(build_model(TINY), TINY))
+    return {k: v.numpy() for k, v in travelling_state(build_model(TINY), TINY).items()}
+
+
+LAYOUT = Layout.of(_global_state())
 
 
 def _config(run_config: dict[str, Any], *, train: bool, **overrides: Any) -> Any:
+    """A message config as the coordinator's round loop sends it (layout included)."""
     settings = ServerSettings.from_run_config({**run_config, **overrides})
-    config = settings.train_config("k1") if train else settings.evaluate_config("k1")
+    config = settings.train_config("k1", 1) if train else settings.evaluate_config("k1")
     config["server-round"] = 1
+    config[LAYOUT_KEY] = LAYOUT.fingerprint
     return config
 
 
@@ -75,12 +84,14 @@ def test_client_train_and_evaluate_on_tiny_caches(
         resolve_site({"data-path": str(site_caches[name]), "state-dir": str(tmp_path)}, run_config)
         for name in ("site_a", "site_b")
     ]
-    arrays = _global_arrays()
+    state = _global_state()
+    arrays = LAYOUT.pack(state, "float32")
     config = _config(run_config, train=True, **{"transport-dtype": "float16"})
     trained, metrics = train_site(sites[0], arrays, config)
-    assert set(trained) == set(arrays)
-    assert trained["head.weight"].dtype == "float16"
-    assert trained["head.weight"].numpy().tolist() != arrays["head.weight"].numpy().tolist()
+    assert trained[FLOATING].dtype == "float16"
+    back = LAYOUT.unpack(trained)
+    assert set(back) == set(state)
+    assert back["head.weight"].tolist() != state["head.weight"].tolist()
     assert metrics["num-examples"] == 8 and set(metrics) == {
         "num-examples",
         "train-loss",
@@ -102,20 +113,22 @@ def test_fedbn_keeps_the_site_batchnorm_state(
     site = resolve_site(
         {"data-path": str(site_caches["site_a"]), "state-dir": str(tmp_path)}, run_config
     )
-    arrays = _global_arrays()
-    trained, _ = train_site(site, arrays, _config(run_config, train=True, strategy="fedbn"))
+    arrays = LAYOUT.pack(_global_state(), "float32")
+    packed, _ = train_site(site, arrays, _config(run_config, train=True, strategy="fedbn"))
+    trained = LAYOUT.unpack(packed)
     stored = load_file(local_bn_path(tmp_path, "k1"))
     bn_keys = bn_state_keys(build_model(TINY))
     assert set(stored) == bn_keys
     for key in bn_keys:
-        np.testing.assert_array_equal(stored[key], trained[key].numpy())
+        np.testing.assert_array_equal(stored[key], trained[key])
 
     # A new global model arrives: the site scores it with its own BatchNorm state, which
     # differs from the global one, while every other weight is the global one.
-    moved = ArrayRecord()
-    for key, array in _global_arrays(seed=5).items():
-        value = array.numpy()
-        moved[key] = Array(value + 0.5 if value.dtype.kind == "f" else value)
+    shifted = {
+        key: value + 0.5 if value.dtype.kind == "f" else value
+        for key, value in _global_state(seed=5).items()
+    }
+    moved = LAYOUT.pack(shifted, "float32")
     fedbn = evaluate_site(site, moved, _config(run_config, train=False, strategy="fedbn"))
     plain = evaluate_site(site, moved, _config(run_config, train=False))
     assert fedbn["test-loss"] != plain["test-loss"]
@@ -210,7 +223,7 @@ def test_flwr_run_simulation_end_to_end(
     overrides |= {k: run_config[k] for k in ("site-caches", "external-caches")}
     overrides |= {"num-server-rounds": 2, "transport-dtype": "float16"}
     run_config_file = write_run_config(tmp_path / "run-config.toml", overrides)
-    command = flwr_run_command(Path(__file__).parents[1], run_config_file, 2, 1, 0.0)
+    command = flwr_run_command(Path(__file__).parents[1], run_config_file, 2, Resources(cpus=2))
 
     started = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -229,3 +242,48 @@ def test_flwr_run_simulation_end_to_end(
     assert lines[0]["central"]["ext-loss"] != lines[-1]["central"]["ext-loss"]
     assert stop_local_flower(home), "flwr run left no background SuperLink to stop"
     assert not stop_local_flower(home)
+
+
+def test_cosine_lr_schedule_decays_over_the_rounds(run_config: dict[str, Any]) -> None:
+    constant = ServerSettings.from_run_config({**run_config, "num-server-rounds": 4})
+    assert [constant.round_lr(r) for r in (1, 4)] == [0.01, 0.01]
+    cosine = ServerSettings.from_run_config(
+        {**run_config, "num-server-rounds": 4, "lr-schedule": "cosine"}
+    )
+    lrs = [cosine.round_lr(r) for r in range(1, 5)]
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[2] == pytest.approx(0.005)
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:], strict=False))
+    assert cosine.train_config("k1", 3)["lr"] == pytest.approx(0.005)
+    with pytest.raises(SettingsError, match="lr-schedule"):
+        ServerSettings.from_run_config({**run_config, "lr-schedule": "step"})
+
+
+def test_a_reply_that_does_not_unpack_counts_as_a_failure(
+    site_caches: dict[str, Path],
+    run_config: dict[str, Any],
+    task_identity: None,
+    make_grid: Any,
+) -> None:
+    def train(message: Message, context: Context) -> Message:
+        reply = hospital.train(message, context)
+        if context.node_config["site"] == "B":
+            floating = reply.content["arrays"][FLOATING].numpy()
+            reply.content["arrays"][FLOATING] = Array(floating[:-1])
+        return reply
+
+    unguarded = ClientApp()  # a site without the egress guard (an old or altered install)
+    unguarded.train()(train)
+    unguarded.evaluate()(hospital.evaluate)
+    nodes = [
+        {"data-path": str(site_caches["site_a"]), "site": "A"},
+        {"data-path": str(site_caches["site_b"]), "site": "B"},
+    ]
+    config = {**run_config, "num-server-rounds": 1, "min-train-replies": 1, "cross-site": False}
+    grid = make_grid(nodes, config)
+    grid.app = unguarded
+    _run(grid, config)
+    card = json.loads((Path(config["run-dir"]) / "round_001.card.json").read_text())
+    assert [p["site"] for p in card["train"]["participants"]] == ["A"]
+    (failure,) = card["train"]["failures"]
+    assert "do not fit the model" in failure["reason"]

@@ -33,6 +33,7 @@ from common.privacy import (
 )
 from common.privacy_accounting import PrivacyLedger
 from common.training import TrainConfig
+from common.transport import LAYOUT_KEY, Layout
 from server.settings import ServerSettings
 
 GN = ModelConfig(backbone="test_efficientnet_gn", slice_chunk=2)
@@ -220,16 +221,22 @@ def dp_config(run_config: dict[str, Any], server_round: int, **dp: Any) -> Any:
     settings = ServerSettings.from_run_config(
         {**run_config, "backbone": "test_efficientnet_gn", "class-weighting": "none"}
     )
-    config = settings.train_config("run-1")
+    config = settings.train_config("run-1", 1)
     config["server-round"] = server_round
     config.update(DPSettings(**{"enabled": True, "rounds": 3, **dp}).to_config())
+    config[LAYOUT_KEY] = Layout.of(_gn_state()).fingerprint
     return config
 
 
-def gn_arrays() -> ArrayRecord:
+def _gn_state() -> dict[str, torch.Tensor]:
     cfg = ModelConfig(backbone="test_efficientnet_gn")
     torch.manual_seed(0)
-    return ArrayRecord(travelling_state(build_model(cfg), cfg))
+    return travelling_state(build_model(cfg), cfg)
+
+
+def gn_arrays() -> ArrayRecord:
+    state = _gn_state()
+    return Layout.of(state).pack(state, "float32")
 
 
 def test_site_reports_epsilon_each_round_and_keeps_its_ledger(

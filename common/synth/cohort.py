@@ -205,6 +205,7 @@ def synthesize(
         "profile": profile,
         "seed": seed,
         "matrix": size.matrix,
+        "scans_per_site": n_scans,
         "difficulty": dataclasses.asdict(difficulty),
         "sites": site_meta,
         "external": ext_counts,
