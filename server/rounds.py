@@ -136,6 +136,9 @@ class Federation:
         messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
         replies, sent, down_bytes = self.exchange(messages)
         ok, failed = split_replies(replies)
+        # Replies come in arrival order; float sums in a fixed order keep a seeded run
+        # reproducible (one ulp of difference grows over the rounds).
+        ok.sort(key=site_name)
         participants, accepted, rejected = [], [], []
         for reply in ok:
             (key, record), *_ = reply.content.array_records.items()
@@ -194,10 +197,11 @@ class Federation:
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
         replies, sent, _ = self.exchange(messages)
         ok, failed = split_replies(replies)
+        ok.sort(key=site_name)
         operating_point = federated_operating_point(
             ok, self.settings.operating_point_rule, self.settings.operating_point_min_specificity
         )
-        aggregated = self.strategy.aggregate_evaluate(server_round, replies)
+        aggregated = self.strategy.aggregate_evaluate(server_round, ok + failed)
         evaluation = {
             "sites": [{"site": site_name(reply), "metrics": reply_metrics(reply)} for reply in ok],
             "failures": _failures(failed, sent, len(replies)),

@@ -11,6 +11,8 @@ from flwr.app import Context, RecordDict
 
 from bench.fl_overhead import rounding_effect, run_figures, targets
 from bench.fl_vs_baselines import summarize_run
+from bench.intensity_baseline import BINS, histograms
+from common.cache import CacheDataset
 from server.app import main
 from server.checkpoints import RunDirectory
 
@@ -91,3 +93,11 @@ def test_rounding_effect_rescores_the_final_model(
     recorded = run_dir.metrics()[-1]["central"]["ext-auc_covid"]
     assert effect["float32"]["ext"] == pytest.approx(recorded)
     assert abs(effect["change"]["ext"]) <= 0.05
+
+
+def test_intensity_histograms_are_normalised_per_scan(site_caches: dict[str, Path]) -> None:
+    data = CacheDataset(site_caches["site_a"])
+    features, labels = histograms(data)
+    assert features.shape == (len(data), BINS)
+    np.testing.assert_allclose(features.sum(axis=1), 1.0)
+    assert labels.tolist() == [item.label for item in data]
