@@ -55,6 +55,11 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _packed_into(dtype: str) -> str:
+    """The packed array an entry of ``dtype`` travels in."""
+    return FLOATING if np.issubdtype(np.dtype(dtype), np.floating) else INTEGER
+
+
 @dataclass(frozen=True)
 class Layout:
     """Names, shapes and dtypes of a travelling state, in state order."""
@@ -76,16 +81,17 @@ class Layout:
         text = json.dumps([list(entry) for entry in self.entries])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def _is_floating(self, dtype: str) -> bool:
-        return bool(np.issubdtype(np.dtype(dtype), np.floating))
+    def packed_sizes(self) -> dict[str, int]:
+        """Values in each packed array of this layout (arrays without values are left out)."""
+        sizes = {FLOATING: 0, INTEGER: 0}
+        for _, shape, dtype in self.entries:
+            sizes[_packed_into(dtype)] += int(np.prod(shape))
+        return {key: size for key, size in sizes.items() if size}
 
     def packed_shapes(self, transport: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name → (shape, dtype) of the arrays a packed message of this layout holds."""
-        sizes = {FLOATING: 0, INTEGER: 0}
-        for _, shape, dtype in self.entries:
-            sizes[FLOATING if self._is_floating(dtype) else INTEGER] += int(np.prod(shape))
         dtypes = {FLOATING: str(np.dtype(transport_dtype(transport))), INTEGER: "int64"}
-        return {key: ((size,), dtypes[key]) for key, size in sizes.items() if size}
+        return {key: ((size,), dtypes[key]) for key, size in self.packed_sizes().items()}
 
     def pack(self, state: Mapping[str, Any], transport: str) -> ArrayRecord:
         """``state`` (this layout's entries, in any order) as the arrays of
@@ -100,7 +106,7 @@ class Layout:
             if array.shape != shape:
                 raise TransportError(f"{name} has shape {array.shape}, the model's is {shape}")
             array = array.reshape(-1)
-            if self._is_floating(kind):
+            if _packed_into(kind) == FLOATING:
                 parts[FLOATING].append(array.astype(dtype, copy=False))
             else:
                 parts[INTEGER].append(np.rint(array).astype(np.int64, copy=False))
@@ -110,7 +116,7 @@ class Layout:
 
     def unpack(self, record: ArrayRecord) -> dict[str, np.ndarray]:
         """The entries of a packed ``record``, each in its layout shape and dtype."""
-        expected = {key: shape for key, (shape, _) in self.packed_shapes("float32").items()}
+        expected = {key: (size,) for key, size in self.packed_sizes().items()}
         found = {key: tuple(array.shape) for key, array in record.items()}
         if found != expected:
             raise TransportError(
@@ -120,7 +126,7 @@ class Layout:
         offsets = {FLOATING: 0, INTEGER: 0}
         state: dict[str, np.ndarray] = {}
         for name, shape, dtype in self.entries:
-            key = FLOATING if self._is_floating(dtype) else INTEGER
+            key = _packed_into(dtype)
             size = int(np.prod(shape))
             values = flat[key][offsets[key] : offsets[key] + size]
             state[name] = values.reshape(shape).astype(dtype)
