@@ -66,8 +66,7 @@ def model_layout(model_config: str) -> Layout:
     """The travelling-state layout of the model of ``model_config`` (the JSON the coordinator
     sends).  Built on the meta device and materialised uninitialised: nothing is computed,
     and no pretrained weights are read."""
-    fields = {**json.loads(model_config), "pretrained_weights": None, "pretrained_from_hub": False}
-    cfg = ModelConfig(**fields)
+    cfg = ModelConfig(**json.loads(model_config)).without_weights()
     with torch.device("meta"):
         model = build_model(cfg)
     model.to_empty(device="cpu")

@@ -46,7 +46,7 @@ def model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceCla
     # The full state arrives from the coordinator; only a frozen backbone (not sent) must be
     # built from pretrained weights, which each site holds itself.
     weights = (site.pretrained_weights or cfg.pretrained_weights) if cfg.freeze_backbone else None
-    cfg = replace(cfg, pretrained_weights=str(weights) if weights else None)
+    cfg = replace(cfg, pretrained_weights=weights)
     torch.manual_seed(int(config["seed"]))
     model = build_model(cfg)
     layout = Layout.of(travelling_state(model, cfg))

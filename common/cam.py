@@ -17,14 +17,15 @@ from common.model import SliceClassifier
 
 
 def class_activation_maps(model: SliceClassifier, x: Tensor, class_index: int) -> np.ndarray:
-    """The CAM of one scan's slices ``x`` (S, 3, H, W) for ``class_index``: (S, H, W) in [0, 1].
+    """The CAM of one scan's grey slices ``x`` (S, 1, H, W) for ``class_index``: (S, H, W) in
+    [0, 1].
 
     Negative evidence is cut (ReLU), the maps are upsampled bilinearly to the slice size and
     divided by the scan's maximum, so slices of one scan compare; a scan without positive
     evidence gives zeros.
     """
-    if x.dim() != 4:
-        raise ValueError(f"expected one scan's slices (S, 3, H, W), got {tuple(x.shape)}")
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected one scan's grey slices (S, 1, H, W), got {tuple(x.shape)}")
     if not 0 <= class_index < model.head.out_features:
         raise ValueError(f"class_index {class_index} outside 0..{model.head.out_features - 1}")
     device = model.head.weight.device

@@ -102,13 +102,15 @@ def model_config_from_card(card: dict[str, Any], source: Path) -> ModelConfig:
     entries = card.get("model_config")
     if not isinstance(entries, dict):
         raise CheckpointLoadError(f"{source}: model card has no model_config object")
+    # Cards written before "imagenet" became a value of pretrained_weights have this flag.
+    entries = {k: v for k, v in entries.items() if k != "pretrained_from_hub"}
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown := sorted(set(entries) - known):
         raise CheckpointLoadError(
             f"{source}: model_config has fields this fedct does not know: {', '.join(unknown)}"
         )
     try:
-        return ModelConfig(**{**entries, "pretrained_weights": None, "pretrained_from_hub": False})
+        return ModelConfig(**entries).without_weights()
     except (TypeError, ValueError) as exc:
         raise CheckpointLoadError(f"{source}: invalid model_config ({exc})") from exc
 

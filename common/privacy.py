@@ -17,8 +17,9 @@ would overstate the protection.  A step
 Per-sample-gradient engines (opacus' GradSampleModule, torch.func) work per *input*, here per
 slice: they would hold one gradient per slice and need reshaping to patients, while this
 loop holds two extra copies of the trainable weights whatever the batch.  It needs a model
-without BatchNorm (which mixes samples and keeps un-noised running statistics): ``norm =
-"group"``.  The loss is unweighted, since "balanced" class weights are computed from the
+whose normalisation neither mixes samples nor keeps un-noised running statistics: GroupNorm
+(``norm = "group"``) or frozen BatchNorm (``freeze-bn``: the pretrained statistics, scale and
+shift, fixed).  The loss is unweighted, since "balanced" class weights are computed from the
 site's counts and would make every patient's gradient depend on the others.
 
 Sampling and noise draw from the operating system's entropy, never from the run's seed, which
@@ -170,12 +171,12 @@ def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]
 
 
 def check_private_training(model: SliceClassifier, cfg: TrainConfig) -> None:
-    """PrivacyError unless ``model`` and ``cfg`` suit per-patient DP: no BatchNorm, no class
-    weighting."""
-    if bn_state_keys(model):
+    """PrivacyError unless ``model`` and ``cfg`` suit per-patient DP: no training BatchNorm,
+    no class weighting."""
+    if bn_state_keys(model) and not model.cfg.freeze_bn:
         raise PrivacyError(
-            "patient-level DP needs a model without BatchNorm, which mixes patients in a batch "
-            'and keeps un-noised statistics: set norm = "group"'
+            "patient-level DP needs a model without training BatchNorm, which mixes patients "
+            'in a batch and keeps un-noised statistics: set norm = "group" or freeze-bn = true'
         )
     if cfg.class_weighting != "none":
         raise PrivacyError(
