@@ -35,6 +35,7 @@ from common.cache import (
     CacheError,
     atomic_open,
     make_loader,
+    patient_content_keys,
     read_manifest,
     read_settings,
     scan_path,
@@ -137,6 +138,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         op, op_source = _operating_point(loaded, tuning, dataset, args, device, notes)
         loader = make_loader(dataset, args.batch_size)
         result = evaluate(loaded.model, loader, device, progress=True)
+        # Patients are resampled in the order of their pixels' digests, not of the salted
+        # pseudonyms: a raw folder and its prepared cache give the same intervals.
+        keys = patient_content_keys(data.cache_dir, dataset.rows)
+        boot_ids = [keys[p] for p in result.patient_ids]
         cams = _cam_figures(loaded.model, data.cache_dir, result, op, args.cams, notes)
         counts = _data_counts(data, dataset, splits)
     report = {
@@ -156,9 +161,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         "operating_point_source": op_source,
         "loss": result.loss,
         **full_report(
-            result.labels, result.probs, result.patient_ids, op, n_boot=args.n_boot, seed=args.seed
+            result.labels, result.probs, boot_ids, op, n_boot=args.n_boot, seed=args.seed
         ),
-        "curves": _curves(result, args.n_boot, args.seed),
+        "curves": _curves(result, boot_ids, args.n_boot, args.seed),
         "notes": notes,
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 2),
@@ -280,13 +285,14 @@ def _data_counts(data: EvalData, dataset: CacheDataset, splits: list[str] | None
     }
 
 
-def _curves(result: EvalResult, n_boot: int, seed: int) -> dict[str, Any]:
-    """The ROC curve with its bootstrap band (absent without both classes) and calibration."""
+def _curves(result: EvalResult, boot_ids: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    """The ROC curve with its bootstrap band (absent without both classes) and calibration;
+    ``boot_ids`` name each scan's patient for the bootstrap."""
     positive = result.labels == COVID_INDEX
     roc = None
     if positive.any() and not positive.all():
         fpr, tpr, thresholds = roc_curve_points(result.labels, result.probs)
-        band = roc_band(result.labels, result.probs, result.patient_ids, n_boot=n_boot, seed=seed)
+        band = roc_band(result.labels, result.probs, boot_ids, n_boot=n_boot, seed=seed)
         roc = {"fpr": fpr, "tpr": tpr, "thresholds": thresholds, "band": band}
     return {"roc": roc, "calibration": calibration_bins(result.labels, result.probs)}
 

@@ -150,6 +150,8 @@ def prepare(
     rejections: list[Rejection] = []
     pending: list[tuple[Scan, dict[str, Any]]] = []
     rows: dict[str, dict[str, Any]] = dict(existing)
+    # Pseudonym -> raw patient ID, in memory only: the split follows the data, not the salt.
+    split_keys: dict[str, str] = {}
     reused = 0
     for item in read_input(Path(input_dir), cfg.format, progress=progress):
         if isinstance(item, Rejection):
@@ -170,6 +172,7 @@ def prepare(
             )
             continue
         row = _row_for(item, label, global_class, salt, cfg)
+        split_keys[row["patient_id"]] = item.patient_key
         if row["scan_id"] in existing and scan_path(cache_dir, row["scan_id"]).exists():
             rows[row["scan_id"]] = {**existing[row["scan_id"]], **row}
             reused += 1
@@ -189,7 +192,7 @@ def prepare(
 
     ordered = sorted(rows.values(), key=lambda r: r["scan_id"])
     splits = assign_splits(
-        [r["patient_id"] for r in ordered],
+        [split_keys.get(r["patient_id"], r["patient_id"]) for r in ordered],
         [int(r["class_index"]) for r in ordered],
         cfg.splits,
         cfg.seed,

@@ -29,11 +29,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from common.weights import weights_spec
 from server.checkpoints import RunDirectory
 from server.settings import parse_external_caches
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PATH_KEYS = ("run-dir", "resume-from", "pretrained-weights")
+PATH_KEYS = ("run-dir", "resume-from")
 FLOWER_CONFIG = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
 
 console = Console(stderr=True)
@@ -121,6 +122,8 @@ def resolve_paths(overrides: dict[str, Any]) -> dict[str, Any]:
     for key in PATH_KEYS:
         if key in overrides:
             overrides[key] = _absolute(str(overrides[key]))
+    if "pretrained-weights" in overrides:
+        overrides["pretrained-weights"] = weights_spec(str(overrides["pretrained-weights"])) or ""
     sites = [_absolute(p) for p in str(overrides.get("site-caches", "")).split(",") if p.strip()]
     if not sites:
         raise SimulateError("site-caches is empty: list one prepared cache per site")
@@ -302,11 +305,16 @@ def round_table(metrics: list[dict[str, Any]]) -> Table:
     for column in ("round", "sites", "train loss", "tune AUC"):
         table.add_column(column, justify="right")
     for name in externals:
-        table.add_column(f"{name} AUC", justify="right")
+        table.add_column(f"{name} AUC (95 % CI)", justify="right")
         table.add_column(f"{name} loss", justify="right")
 
     def fmt(value: Any) -> str:
         return "–" if value is None else f"{value:.3f}"
+
+    def auc(central: dict[str, Any], name: str) -> str:
+        low, high = (central.get(f"{name}-auc_covid_ci_{end}") for end in ("low", "high"))
+        interval = "" if low is None or high is None else f" ({low:.2f}–{high:.2f})"
+        return fmt(central.get(f"{name}-auc_covid")) + interval
 
     for line in metrics:
         kept = " (kept previous)" if line.get("kept_previous_model") else ""
@@ -318,7 +326,7 @@ def round_table(metrics: list[dict[str, Any]]) -> Table:
         ]
         for name in externals:
             central = line.get("central", {})
-            row += [fmt(central.get(f"{name}-auc_covid")), fmt(central.get(f"{name}-loss"))]
+            row += [auc(central, name), fmt(central.get(f"{name}-loss"))]
         table.add_row(*row)
     return table
 
