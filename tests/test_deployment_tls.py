@@ -11,41 +11,37 @@ test fails.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import os
-import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from deploy_procs import (
+    BIN,
+    ROOT,
+    Processes,
+    fedct_certs,
+    flwr,
+    host_env,
+    node_statuses,
+    wait_for_port,
+)
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from common import certs
 from server.registry import read_tls
 from server.simulate import free_port, write_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SITES = ("hospital-a", "hospital-b")
 REGISTERED = (*SITES, "hospital-c")  # hospital-c is registered but never joins
-
-
-def fedct_certs(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    certs.add_arguments(parser)
-    return certs.run(parser.parse_args(list(argv)))
 
 
 def _mode(path: Path) -> int:
@@ -123,43 +119,6 @@ def test_certs_reject_bad_input_and_write_nothing(
 # --- the deployment engine over TLS ----------------------------------------------------------
 
 
-@dataclass
-class Processes:
-    """Processes started for the test, each the leader of its own process group."""
-
-    logs: Path
-    started: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
-
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = self.logs / f"{name}.log"
-        with open(log, "wb") as handle:
-            process = subprocess.Popen(
-                command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.started.append((process, log))
-        return process
-
-    def log(self, process: subprocess.Popen[bytes]) -> str:
-        return next(log for p, log in self.started if p is process).read_text(errors="replace")
-
-    @staticmethod
-    def stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-        """SIGTERM the process group (the process and the app processes it spawned), then
-        SIGKILL whatever is left."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break  # the whole group is gone
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=grace)
-        process.wait()
-
-    def stop_all(self) -> None:
-        for process, _ in reversed(self.started):
-            self.stop(process)
-
-
 @dataclass(frozen=True)
 class Coordinator:
     """The running SuperLink, and how to reach it as the operator."""
@@ -168,49 +127,6 @@ class Coordinator:
     env: dict[str, str]
     ca: Path
     superlink: subprocess.Popen[bytes]
-
-
-def host_env(home: Path) -> dict[str, str]:
-    """A host's environment: its own Flower home, this venv, no network calls, one thread."""
-    home.mkdir(parents=True, exist_ok=True)
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-
-
-def flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "flwr"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-    )
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited with {process.returncode} before listening"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"nothing listens on {port} after {timeout} s")
-
-
-def node_statuses(coordinator: Coordinator) -> list[str]:
-    listed = flwr(coordinator.env, "supernode", "ls", "fedct", "--format", "json")
-    assert listed.returncode == 0, listed.stdout + listed.stderr
-    return sorted(node["status"] for node in json.loads(listed.stdout)["nodes"])
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +272,7 @@ def test_a_supernode_with_an_unregistered_key_is_refused(
     log = processes.log(intruder)
     assert "Failed to activate SuperNode" in log and "Exit Code: 305" in log, log
     assert "No SuperNode found with the given public key" in processes.log(coordinator.superlink)
-    assert node_statuses(coordinator) == ["registered"] * len(REGISTERED)
+    assert node_statuses(coordinator.env) == ["registered"] * len(REGISTERED)
 
 
 def test_plaintext_clients_are_refused(
@@ -379,7 +295,7 @@ def test_plaintext_clients_are_refused(
     listed = flwr(coordinator.env, "ls", "plaintext")
     assert listed.returncode != 0
     assert "Connection to the SuperLink is unavailable" in listed.stdout + listed.stderr
-    assert node_statuses(coordinator) == ["registered"] * len(REGISTERED)
+    assert node_statuses(coordinator.env) == ["registered"] * len(REGISTERED)
 
 
 def test_two_rounds_over_tls_with_authenticated_supernodes(
@@ -400,7 +316,7 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(
             node_config=f'data-path="{cache}" site="{site}" device="cpu"',
         )
     deadline = time.monotonic() + 90
-    while node_statuses(coordinator).count("online") < len(SITES):
+    while node_statuses(coordinator.env).count("online") < len(SITES):
         assert time.monotonic() < deadline, "the hospitals' SuperNodes did not come online"
         time.sleep(2)
 
