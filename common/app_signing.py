@@ -186,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
     print(signature)
     console.print(
         escape(
-            f"signed {bundle.fab_id} {bundle.version} (sha256 {bundle.sha256}); start the run "
-            f"with --run-config '{SIGNATURE_KEY}=\"{signature}\"'"
+            f"signed {bundle.fab_id} {bundle.version} (sha256 {bundle.sha256}); put "
+            f'{SIGNATURE_KEY} = "{signature}" in the run config (or --run-config '
+            f"'{SIGNATURE_KEY}=\"{signature}\"')"
         ),
         soft_wrap=True,
     )

@@ -229,7 +229,16 @@ def test_readme_flags_are_accepted() -> None:
     text = (DEPLOY / "README.md").read_text()
     blocks = re.findall(r"```(?:sh|bash|console)\n(.*?)```", text, re.DOTALL)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    commands = [shlex.split(line) for line in lines if line.strip().startswith("flower-")]
+    commands = [
+        shlex.split(line)
+        for line in lines
+        if line.strip().startswith(("flower-", "fedct site supernode"))
+    ]
+    # `fedct site supernode ... -- ARGS` runs flower-supernode ARGS.
+    commands = [
+        ["flower-supernode", *argv[argv.index("--") + 1 :]] if argv[0] == "fedct" else argv
+        for argv in commands
+    ]
     assert {argv[0] for argv in commands} >= {"flower-superlink", "flower-supernode"}
     for argv in commands:
         unknown = set(flags(argv[1:])) - accepted_flags(argv[0], ())
