@@ -16,11 +16,13 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 from common import certs
+from server.simulate import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -126,3 +128,104 @@ def unpack_app(content: bytes, folder: Path) -> Path:
         archive.extractall(app)
     shutil.rmtree(app / ".info")
     return app
+
+
+def start_superlink(
+    processes: Processes, pki: Path, port: int, database: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """The SuperLink on 127.0.0.1:``port`` (TLS with ``pki``'s certificate, SuperNode
+    authentication, process isolation) and the ServerApp's SuperExec beside it; returns the
+    SuperLink once it listens."""
+    secret = ["--superexec-auth-secret-file", str(pki / "superexec.secret")]
+    superlink = processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(pki / "ca.crt"),
+            "--ssl-certfile",
+            str(pki / "superlink.crt"),
+            "--ssl-keyfile",
+            str(pki / "superlink.key"),
+            "--enable-supernode-auth",
+            "--isolation",
+            "process",
+            "--database",
+            str(database),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *secret,
+        ],
+        env,
+    )
+    wait_for_port(port, superlink)
+    processes.start(
+        "superexec-serverapp",
+        [
+            str(BIN / "flower-superexec"),
+            "--runtime-api-address",
+            f"127.0.0.1:{port}",
+            "--root-certificates",
+            str(pki / "ca.crt"),
+            *secret,
+        ],
+        env,
+    )
+    return superlink
+
+
+def register_sites(env: dict[str, str], hosts: Path, sites: Iterable[str]) -> None:
+    """``flwr supernode register`` each site's public key, as the operator (``fedct``)."""
+    for site in sites:
+        public_key = hosts / site / "pki" / "supernodes" / f"{site}.pub"
+        done = flwr(env, "supernode", "register", str(public_key), "fedct", "--name", site)
+        assert done.returncode == 0 and "registered successfully" in done.stdout, done.stdout
+
+
+def start_supernode(
+    processes: Processes,
+    host: Path,
+    site: str,
+    superlink: str,
+    transport: list[str],
+    *,
+    node_config: str = "",
+    launcher: list[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A hospital's SuperNode at ``superlink`` (process isolation, its own runtime API port,
+    the host's secret and Flower home), started by ``launcher`` (default flower-supernode)
+    with flower-supernode's arguments; with a node config, its SuperExec too."""
+    runtime_port = free_port()
+    secret = ["--superexec-auth-secret-file", str(host / "pki" / "superexec.secret")]
+    command = [
+        *(launcher or [str(BIN / "flower-supernode")]),
+        "--superlink",
+        superlink,
+        *transport,
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        *secret,
+    ]
+    if node_config:
+        command += ["--node-config", node_config]
+    env = host_env(host / "flwr-home")
+    supernode = processes.start(f"supernode-{site}", command, env)
+    if node_config:
+        processes.start(
+            f"superexec-{site}",
+            [
+                str(BIN / "flower-superexec"),
+                "--runtime-api-address",
+                f"127.0.0.1:{runtime_port}",
+                "--insecure",  # the SuperNode's runtime API listens on loopback only
+                *secret,
+            ],
+            env,
+        )
+    return supernode

@@ -25,14 +25,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from deploy_procs import (
-    BIN,
     ROOT,
     Processes,
     fedct_certs,
     flwr,
     host_env,
     node_statuses,
-    wait_for_port,
+    register_sites,
+    start_superlink,
+    start_supernode,
 )
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
@@ -164,47 +165,8 @@ def coordinator(hosts: Path, processes: Processes) -> Coordinator:
         f'root-certificates = "{pki / "ca.crt"}"\n\n'
         f'[superlink.plaintext]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    secret = ["--superexec-auth-secret-file", str(pki / "superexec.secret")]
-    superlink = processes.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(pki / "ca.crt"),
-            "--ssl-certfile",
-            str(pki / "superlink.crt"),
-            "--ssl-keyfile",
-            str(pki / "superlink.key"),
-            "--enable-supernode-auth",
-            "--isolation",
-            "process",
-            "--database",
-            str(host / "state.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *secret,
-        ],
-        env,
-    )
-    wait_for_port(port, superlink)
-    processes.start(
-        "superexec-serverapp",
-        [
-            str(BIN / "flower-superexec"),
-            "--runtime-api-address",
-            f"127.0.0.1:{port}",
-            "--root-certificates",
-            str(pki / "ca.crt"),
-            *secret,
-        ],
-        env,
-    )
-    for site in REGISTERED:
-        public_key = hosts / site / "pki" / "supernodes" / f"{site}.pub"
-        done = flwr(env, "supernode", "register", str(public_key), "fedct", "--name", site)
-        assert done.returncode == 0 and "registered successfully" in done.stdout, done.stdout
+    superlink = start_superlink(processes, pki, port, host / "state.db", env)
+    register_sites(env, hosts, REGISTERED)
     return Coordinator(port, env, pki / "ca.crt", superlink)
 
 
@@ -218,39 +180,14 @@ def start_hospital(
     node_config: str = "",
 ) -> subprocess.Popen[bytes]:
     """A hospital's SuperNode (process isolation, its own runtime API port)."""
-    host = hosts / site
-    runtime_port = free_port()
-    command = [
-        str(BIN / "flower-supernode"),
-        "--superlink",
+    return start_supernode(
+        processes,
+        hosts / site,
+        site,
         f"127.0.0.1:{coordinator.port}",
-        *transport,
-        "--isolation",
-        "process",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(runtime_port),
-        "--superexec-auth-secret-file",
-        str(host / "pki" / "superexec.secret"),
-    ]
-    if node_config:
-        command += ["--node-config", node_config]
-    supernode = processes.start(f"supernode-{site}", command, host_env(host / "flwr-home"))
-    if node_config:
-        processes.start(
-            f"superexec-{site}",
-            [
-                str(BIN / "flower-superexec"),
-                "--runtime-api-address",
-                f"127.0.0.1:{runtime_port}",
-                "--insecure",  # the SuperNode's runtime API listens on loopback only
-                "--superexec-auth-secret-file",
-                str(host / "pki" / "superexec.secret"),
-            ],
-            host_env(host / "flwr-home"),
-        )
-    return supernode
+        transport,
+        node_config=node_config,
+    )
 
 
 def tls_with_key(hosts: Path, coordinator: Coordinator, site: str) -> list[str]:

@@ -44,6 +44,9 @@ from deploy_procs import (
     flwr,
     host_env,
     node_statuses,
+    register_sites,
+    start_superlink,
+    start_supernode,
     unpack_app,
     wait_for_port,
 )
@@ -164,43 +167,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, processes: Processes) -
 
     env = host_env(hosts / "coordinator" / "flwr-home")
     superlink_port, fleet, control, forwarder = (free_port() for _ in range(4))
-    secret = ["--superexec-auth-secret-file", str(pki / "superexec.secret")]
-    superlink = processes.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(pki / "ca.crt"),
-            "--ssl-certfile",
-            str(pki / "superlink.crt"),
-            "--ssl-keyfile",
-            str(pki / "superlink.key"),
-            "--enable-supernode-auth",
-            "--isolation",
-            "process",
-            "--database",
-            str(hosts / "coordinator" / "state.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(superlink_port),
-            *secret,
-        ],
-        env,
-    )
-    wait_for_port(superlink_port, superlink)
-    processes.start(
-        "superexec-serverapp",
-        [
-            str(BIN / "flower-superexec"),
-            "--runtime-api-address",
-            f"127.0.0.1:{superlink_port}",
-            "--root-certificates",
-            str(pki / "ca.crt"),
-            *secret,
-        ],
-        env,
-    )
+    start_superlink(processes, pki, superlink_port, hosts / "coordinator" / "state.db", env)
     proxy = _nginx(
         processes,
         hosts / "proxy",
@@ -237,10 +204,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, processes: Processes) -
         f'[superlink.control-port]\naddress = "127.0.0.1:{control}"\n'
         f'root-certificates = "{pki / "ca.crt"}"\n'
     )
-    for site in (GUARDED, UNGUARDED):
-        public_key = hosts / site / "pki" / "supernodes" / f"{site}.pub"
-        done = flwr(env, "supernode", "register", str(public_key), "fedct", "--name", site)
-        assert done.returncode == 0 and "registered successfully" in done.stdout, done.stdout
+    register_sites(env, hosts, (GUARDED, UNGUARDED))
     return Federation(hosts, env, fleet, control, hosts / "proxy" / "error.log")
 
 
@@ -269,8 +233,8 @@ def hospitals(
     assert fedct(site_command, *trust, *files) == 0
     for site, cache in ((GUARDED, site_caches["site_a"]), (UNGUARDED, site_caches["site_b"])):
         host = federation.hosts / site
-        env = host_env(host / "flwr-home")
         node_config = f'data-path="{cache}" site="{site}" device="cpu"'
+        launcher = None
         if site == GUARDED:
             node_config += f' audit-log="{audit_log}"'
             launcher = [
@@ -281,38 +245,19 @@ def hospitals(
                 str(approvals),
                 "--",
             ]
-        else:
-            launcher = [str(BIN / "flower-supernode")]
-        runtime_port = free_port()
-        secret = ["--superexec-auth-secret-file", str(host / "pki" / "superexec.secret")]
-        flower_args = [
-            "--superlink",
+        start_supernode(
+            processes,
+            host,
+            site,
             f"127.0.0.1:{federation.fleet_port}",
-            "--root-certificates",
-            str(federation.ca),
-            "--auth-supernode-private-key",
-            str(host / "pki" / "supernodes" / f"{site}.key"),
-            "--isolation",
-            "process",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(runtime_port),
-            *secret,
-            "--node-config",
-            node_config,
-        ]
-        processes.start(f"supernode-{site}", launcher + flower_args, env)
-        processes.start(
-            f"superexec-{site}",
             [
-                str(BIN / "flower-superexec"),
-                "--runtime-api-address",
-                f"127.0.0.1:{runtime_port}",
-                "--insecure",  # the SuperNode's runtime API listens on loopback only
-                *secret,
+                "--root-certificates",
+                str(federation.ca),
+                "--auth-supernode-private-key",
+                str(host / "pki" / "supernodes" / f"{site}.key"),
             ],
-            env,
+            node_config=node_config,
+            launcher=launcher,
         )
     deadline = time.monotonic() + 90
     while node_statuses(federation.env) != ["online", "online"]:
