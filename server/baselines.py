@@ -12,6 +12,10 @@ federated results can be read against them.
 
 The tune/test metrics of each round are computed on the pooled tune/test splits of the sites
 used (``federated`` in metrics.jsonl, as for a federated run).
+
+:func:`compare_with_baselines` trains every baseline of a finished federated run and writes
+its ``baselines.json``: each arm's external AUC with its 95 % CI, at the round its own tuning
+data pick (``best-metric``) and at its last round.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.table import Table
 from torch.utils.data import ConcatDataset
 
 from common.cache import CacheDataset, CacheError, check_run_settings, make_loader
@@ -141,6 +146,100 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
         metric = settings.best_metric
         run_dir.update_best(server_round, metric, federated.get(metric, central.get(metric)))
     return run_dir
+
+
+BASELINES_FILE = "baselines.json"
+
+
+def external_result(run_dir: RunDirectory, external: str) -> dict[str, Any]:
+    """An arm's external AUC and 95 % CI at the round ``best.json`` names (``round``) and at
+    its last round (``final``); the best round falls back to the last when no round had a
+    finite tune metric."""
+    metrics = {line["round"]: line for line in run_dir.metrics()}
+    if not metrics:
+        raise SettingsError(f"{run_dir.path}: no rounds recorded")
+    last = max(metrics)
+    best = (run_dir.read_json("best.json") or {}).get("round", last)
+
+    def at(server_round: int) -> dict[str, Any]:
+        central = metrics[server_round].get("central", {})
+        return {
+            "round": server_round,
+            "auc": central.get(f"{external}-auc_covid"),
+            "ci": [
+                central.get(f"{external}-auc_covid_ci_low"),
+                central.get(f"{external}-auc_covid_ci_high"),
+            ],
+        }
+
+    return {**at(best), "final": at(last)}
+
+
+def compare_with_baselines(overrides: dict[str, Any], federated: Path) -> dict[str, Any]:
+    """Train the centralized and every single-site baseline of the federated run in
+    ``federated`` (same run config: model, epochs, seed) under ``federated/baselines/``, and
+    write the comparison on the first external set to ``federated/baselines.json``."""
+    run_config = {**app_defaults(), **overrides}
+    externals = ServerSettings.from_run_config(run_config).external_caches
+    if not externals:
+        raise SettingsError("baselines are compared on an external set: external-caches is empty")
+    external = next(iter(externals))
+    sites = [Path(p).name for p in str(run_config["site-caches"]).split(",") if p]
+    arms = [("centralized", "centralized", None), *[(site, "local", site) for site in sites]]
+    results: dict[str, dict[str, Any]] = {}
+    for name, mode, site in arms:
+        began = time.monotonic()
+        run_dir = train_baseline(
+            {**overrides, "run-dir": str(federated / "baselines" / name)}, mode, site
+        )
+        results[name] = external_result(run_dir, external)
+        console.print(
+            f"baseline {name}: {time.monotonic() - began:.0f} s, {external} AUC "
+            f"{_auc_text(results[name])} at round {results[name]['round']}"
+        )
+    comparison = {
+        "external": external,
+        "selected_by": run_config["best-metric"],
+        "federated": external_result(RunDirectory(federated), external),
+        "centralized": results.pop("centralized"),
+        "local": results,
+    }
+    RunDirectory(federated).write_json(BASELINES_FILE, comparison)
+    return comparison
+
+
+def _auc_text(result: dict[str, Any]) -> str:
+    low, high = result["ci"]
+    if result["auc"] is None:
+        return "–"
+    if low is None or high is None:
+        return f"{result['auc']:.3f}"
+    return f"{result['auc']:.3f} ({low:.3f}–{high:.3f})"
+
+
+def comparison_table(comparison: dict[str, Any]) -> Table:
+    """baselines.json as a table: one row per arm, AUC with CI at the selected and last round."""
+    table = Table(
+        title=f"federated against its baselines: {comparison['external']} AUC (95 % CI)",
+        caption=f"round: picked by {comparison['selected_by']} on each arm's own tuning data",
+    )
+    for column in ("run", "round", "AUC (95 % CI)", "last round", "AUC (95 % CI) "):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    rows = [
+        ("federated", comparison["federated"]),
+        ("centralized", comparison["centralized"]),
+        *((f"{site} alone", result) for site, result in comparison["local"].items()),
+    ]
+    for name, result in rows:
+        final = result["final"]
+        table.add_row(
+            name,
+            str(result["round"]),
+            _auc_text(result),
+            str(final["round"]),
+            _auc_text(final),
+        )
+    return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,9 +4,11 @@ The whole product on one machine, from one TOML file (``configs/demo.toml``): a 
 synthetic cohort of non-IID hospitals and a MosMedData-like external set (``[synth]``), a
 site-local cache per hospital and one for the external set (``[prepare]``), then a Flower
 simulation with one SuperNode per site, central evaluation on the external set every round
-and a checkpoint + model card per round (``[run]``: run-config keys).  Steps already done
-(same cohort, caches with the same settings) are reused, so a second ``make demo`` goes
-straight to training.
+and a checkpoint + model card per round (``[run]``: run-config keys); then the baselines
+with the same model, epochs and seed — centralized on the pooled sites and each site alone —
+and one table comparing their external AUCs (``baselines.json``; ``[baselines] run = false``
+skips them).  Steps already done (same cohort, caches with the same settings) are reused, so
+a second ``make demo`` goes straight to training.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from common.cache import CacheError
 from common.prepare import PrepareConfig, prepare
 from common.qa import print_summary
 from common.synth.cohort import synthesize
+from server.baselines import compare_with_baselines, comparison_table
+from server.checkpoints import RunDirectory
+from server.settings import SettingsError
 from server.simulate import Resources, SimulateError, resolve_paths, simulate
 
 console = Console(stderr=True)
@@ -53,8 +58,10 @@ def ensure_cohort(synth: dict[str, Any]) -> Path:
     record = out / "cohort.json"
     wanted = {"profile": synth["profile"], "seed": synth["seed"]}
     scans = synth.get("scans-per-site")
-    if scans is not None:
-        wanted["scans_per_site"] = scans
+    mosmed = synth.get("mosmed-studies")
+    for key, value in (("scans_per_site", scans), ("mosmed_studies", mosmed)):
+        if value is not None:
+            wanted[key] = value
     if record.exists():
         existing = json.loads(record.read_text())
         same = all(existing.get(k) == v for k, v in wanted.items())
@@ -63,7 +70,12 @@ def ensure_cohort(synth: dict[str, Any]) -> Path:
             return out
         raise DemoError(f"{out} holds another cohort ({record}); remove it or change [synth] out")
     summary = synthesize(
-        out, synth["profile"], sites=synth["sites"], scans_per_site=scans, seed=synth["seed"]
+        out,
+        synth["profile"],
+        sites=synth["sites"],
+        scans_per_site=scans,
+        mosmed_studies=mosmed,
+        seed=synth["seed"],
     )
     console.print(summary.line())
     return out
@@ -127,12 +139,34 @@ def run_demo(config_path: Path) -> int:
     overrides = demo_run_config(config)
     prepared = time.perf_counter()
     code = simulate(overrides, resources=resources(config))
-    done = time.perf_counter()
+    federated = time.perf_counter()
+    if code != 0:
+        return code
+    run_dir = Path(overrides["run-dir"])
+    timings = [f"data {prepared - began:.0f} s", f"federated {federated - prepared:.0f} s"]
+    if config.get("baselines", {}).get("run", True):
+        Console().print(comparison_table(compare_with_baselines(overrides, run_dir)))
+        timings.append(f"baselines {time.perf_counter() - federated:.0f} s")
+    else:
+        timings.append("baselines not run ([baselines] run = false)")
+    console.print(f"demo: {', '.join(timings)}; run directory {run_dir}")
+    print_next_steps(run_dir, Path(config["synth"]["out"]) / "external" / EXTERNAL)
+    return 0
+
+
+def print_next_steps(run_dir: Path, external_raw: Path) -> None:
+    """The best round's checkpoint and the commands that look at it."""
+    best = RunDirectory(run_dir).read_json("best.json")
+    if best is None:
+        console.print(f"no round had a finite tune metric; every checkpoint is in {run_dir}")
+        return
+    checkpoint = run_dir / best["checkpoint"]
     console.print(
-        f"demo: data ready in {prepared - began:.0f} s, federated training in "
-        f"{done - prepared:.0f} s; run directory {overrides['run-dir']}"
+        f"best round {best['round']} ({best['metric']} {best['value']:.3f}): {checkpoint}\n"
+        f"next: fedct report {run_dir}\n"
+        f"      fedct evaluate --model {checkpoint} --data {external_raw} "
+        f"--out {run_dir / 'evaluation'}"
     )
-    return code
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +176,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return run_demo(args.config)
-    except (DemoError, SimulateError, CacheError, KeyError) as exc:
+    except (DemoError, SimulateError, SettingsError, CacheError, KeyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
