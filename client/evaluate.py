@@ -87,17 +87,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="round_NNN.safetensors or card")
     parser.add_argument("--data", required=True, type=Path, help="prepared cache or raw folder")
     parser.add_argument("--out", required=True, type=Path, help="folder for the three outputs")
-    parser.add_argument("--labels", type=Path, help="raw folder only: labels.csv")
-    parser.add_argument("--label-map", type=Path, help="raw folder only: TOML site label map")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="raw folder only: labels.csv (default: none, the labels the folder layout "
+        "gives, e.g. MosMedData's CT-k folders)",
+    )
+    parser.add_argument(
+        "--label-map",
+        type=Path,
+        help="raw folder only: TOML site label map (default: fedct's built-in map)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="auto", help="raw folder only")
     parser.add_argument("--splits", help="cache splits to report, e.g. test (default: all)")
     parser.add_argument(
-        "--tune-data", type=Path, help="cache to choose the operating point on (its tune split)"
+        "--tune-data",
+        type=Path,
+        help="cache to choose the operating point on (its tune split) when the model card "
+        "stores none (default: none; then a fixed 0.5, marked as not tuned)",
     )
     parser.add_argument("--rule", choices=("sens_at_spec", "youden"), default="sens_at_spec")
     parser.add_argument("--min-specificity", type=float, default=0.95)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--slice-chunk", type=int, help="slices per forward pass (memory)")
+    parser.add_argument(
+        "--slice-chunk",
+        type=int,
+        help="slices per forward pass, a memory knob (default: the model card's)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)

@@ -173,7 +173,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file", required=True, type=Path, help="bearer token file (mode 600)"
     )
-    parser.add_argument("--ca", type=Path, help="CA certificate (PEM) to verify the registry by")
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        help="CA certificate (PEM) to verify the registry by (default: none; plaintext, "
+        "allowed to a loopback registry only)",
+    )
     parser.add_argument(
         "--insecure", action="store_true", help="allow plaintext to a non-loopback registry"
     )
@@ -181,7 +186,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", help="RUN:ROUND, RUN:best, RUN:latest or latest")
     what.add_argument("--list", action="store_true", help="list every checkpoint")
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--out", type=Path, help="file to write the weights to (+ its .card.json)")
+    how.add_argument(
+        "--out",
+        type=Path,
+        help="file to write the weights to, and its .card.json beside it (default: none; "
+        "needed with --model unless --card)",
+    )
     how.add_argument("--card", action="store_true", help="print the model card only")
 
 

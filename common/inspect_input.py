@@ -61,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
     parser.add_argument("--format", choices=FORMATS, default="auto")
     parser.add_argument("--fraction", type=float, default=0.5)
-    parser.add_argument("--dump-hu", type=Path, help="write <series_uid>.npy HU volumes here")
+    parser.add_argument(
+        "--dump-hu",
+        type=Path,
+        help="write <series_uid>.npy HU volumes here (default: none written)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -222,8 +222,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PrepareConfig()
     parser.add_argument("--input", required=True, type=Path, help="raw folder of one site")
     parser.add_argument("--out", required=True, type=Path, help="cache folder to create/extend")
-    parser.add_argument("--labels", type=Path, help="labels.csv (label + series_uid/study_uid/…)")
-    parser.add_argument("--label-map", type=Path, help="TOML: site label = global class")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="labels.csv: a label column and series_uid, study_uid, path or patient_id "
+        "(default: none; only the labels the folder layout gives, else every scan unlabelled)",
+    )
+    parser.add_argument(
+        "--label-map",
+        type=Path,
+        help="TOML: site label = global class (default: fedct's built-in map)",
+    )
     parser.add_argument("--format", choices=FORMATS, default=defaults.format)
     parser.add_argument("--size", type=int, default=defaults.size, help="slice size in pixels")
     parser.add_argument("--fraction", type=float, default=defaults.fraction)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir / "report.html"
     with atomic_open(out) as handle:
         handle.write(page)
-    console.print(f"wrote {out}")
+    print(f"wrote {out}")
     return 0
 
 
