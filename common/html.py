@@ -36,6 +36,8 @@ figure{display:inline-block;margin:.5em;vertical-align:top}
 figcaption{font-size:.85em;max-width:280px}
 figure img{width:256px;image-rendering:pixelated}svg text{font-size:11px;fill:#333}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em}
+details{margin:.4em 0}summary{cursor:pointer}
+tr.best td{font-weight:600;background:#eef6ee}.note{color:#555;font-size:.9em}
 """
 
 
@@ -76,6 +78,20 @@ def paragraph(text: str, *, warning: bool = False) -> str:
 def preformatted(text: str, summary: str) -> str:
     """Collapsed preformatted text (e.g. a JSON document) under a one-line ``summary``."""
     return f"<details><summary>{escape(summary)}</summary><pre>{escape(text)}</pre></details>"
+
+
+def details(summary: str, *parts: str, open_: bool = False) -> str:
+    """Collapsed HTML ``parts`` under a one-line ``summary`` (open with ``open_``)."""
+    flag = " open" if open_ else ""
+    return (
+        f"<details{flag}><summary>{escape(summary)}</summary>\n" + "\n".join(parts) + "</details>"
+    )
+
+
+def facts(rows: Iterable[Sequence[object]]) -> str:
+    """A two-column table of (name, value) rows, without a header row."""
+    body = "".join(f"<tr><th>{escape(str(name))}</th>{_cell(value)}</tr>\n" for name, value in rows)
+    return f"<table><tbody>\n{body}</tbody></table>"
 
 
 def _cell(value: object) -> str:
@@ -131,16 +147,17 @@ def heatmap_table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(lines) + "</tbody></table>"
 
 
-def png_img(pixels: np.ndarray, alt: str, *, max_side: int = 256) -> str:
+def png_img(pixels: np.ndarray, alt: str, *, max_side: int = 256, style: str = "") -> str:
     """An ``<img>`` holding a grey (H, W) or RGB (H, W, 3) uint8 picture as an embedded PNG,
-    shrunk so that its longer side is at most ``max_side``."""
+    shrunk so that its longer side is at most ``max_side``; ``style``: its inline CSS."""
     image = Image.fromarray(np.ascontiguousarray(pixels))
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
+    css = f' style="{escape(style)}"' if style else ""
+    return f'<img alt="{escape(alt)}"{css} src="data:image/png;base64,{data}">'
 
 
 def figure(content: str, caption: str) -> str:
