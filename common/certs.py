@@ -327,7 +327,5 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     for material in materials:
-        out.print(
-            escape(f"wrote {material.path}" + (" (mode 600)" if material.private else ""))
-        )
+        out.print(escape(f"wrote {material.path}" + (" (mode 600)" if material.private else "")))
     return 0

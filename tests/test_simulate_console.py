@@ -66,6 +66,8 @@ def test_simulate_prints_a_line_per_round_and_keeps_the_rest_for_later(
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert set(lines[2]["sites"]) == {"site_a", "site_b"}
     assert lines[0]["central"]["ext-loss"] != lines[-1]["central"]["ext-loss"]
+    assert "tune-auc_covid" in lines[1]["federated"]  # a site's CI bounds are not averaged
+    assert not any(key.endswith(("_low", "_high")) for key in lines[1]["federated"])
 
     # Flower's whole stream is in the log; the run id is recorded; the card says what made it.
     log = (run_dir / "flower.log").read_text()
