@@ -379,7 +379,11 @@ def _cell_notes(
         for count, ci in zip(count_row, ci_row, strict=False):
             text = [f"n = {int(count)}"] if _number(count) is not None else []
             if isinstance(ci, list) and len(ci) == 2 and all(_number(v) is not None for v in ci):
-                text.append(f"CI {ci[0]:.2f}–{ci[1]:.2f}")
+                # A zero-width interval (too few scans to vary) is no certainty: say so.
+                equal = ci[0] == ci[1]
+                text.append(
+                    "no CI: every resample equal" if equal else f"CI {ci[0]:.2f}–{ci[1]:.2f}"
+                )
             row.append(", ".join(text) or None)
         notes.append(row)
     return notes

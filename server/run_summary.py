@@ -57,20 +57,20 @@ def round_table(
 
 
 def next_commands(
-    run_dir: Path, recorded: dict[str, Any], best: dict[str, Any] | None
+    run_dir: Path, recorded: dict[str, Any], chosen: dict[str, Any] | None
 ) -> list[str]:
-    """The commands that look at a finished run: its report, an evaluation of its best
-    checkpoint on its first external set, TensorBoard over its folder of runs, Flower's own
-    record of it (when it was a Flower run)."""
+    """The commands that look at a finished run: its report, an evaluation of the ``chosen``
+    checkpoint (best.json's, else latest.json's) on its first external set, TensorBoard over
+    its folder of runs, Flower's own record of it (when it was a Flower run)."""
     path = Path(run_dir).resolve()
     commands = [f"fedct report {shlex.quote(str(path))}"]
-    if best:
-        weights = shlex.quote(str(path / best["checkpoint"]))
+    if chosen:
+        weights = shlex.quote(str(path / chosen["checkpoint"]))
         external = parse_external_caches(
             str(recorded.get("run_config", {}).get("external-caches", ""))
         )
         data = shlex.quote(str(next(iter(external.values())))) if external else "CACHE_OR_RAW"
-        out_dir = shlex.quote(str(path / f"eval-round_{int(best['round']):03d}"))
+        out_dir = shlex.quote(str(path / f"eval-round_{int(chosen['round']):03d}"))
         commands.append(f"fedct evaluate --model {weights} --data {data} --out {out_dir}")
     commands.append(f"tensorboard --logdir {shlex.quote(str(path.parent))}")
     if recorded.get("flower_run_id") is not None and (path / "flower").is_dir():
@@ -91,6 +91,7 @@ def print_run_summary(
         console.print(round_table(metrics, title, best["round"] if best else None))
     wanted = int(recorded.get("run_config", {}).get("num-server-rounds", 0))
     finished = bool(metrics) and wanted > 0 and metrics[-1]["round"] >= wanted
+    latest = directory.read_json("latest.json")
     if best:
         label = metric_label(str(best.get("metric")))
         console.print(
@@ -98,9 +99,17 @@ def print_run_summary(
             f"checkpoint {Path(run_dir).resolve() / best['checkpoint']}",
             highlight=False,
         )
+    elif metrics:
+        metric = str(recorded.get("run_config", {}).get("best-metric", "tune-auc_covid"))
+        console.print(
+            f"best round: none, {metric_label(metric)} ({metric}) was never defined (e.g. no "
+            "tune split with both COVID-19 and other scans); the commands below use the "
+            "latest round",
+            highlight=False,
+        )
     console.print(f"run directory: {Path(run_dir).resolve()}", highlight=False)
     if metrics:
         console.print("next:", highlight=False)
-        for command in next_commands(run_dir, recorded, best):
+        for command in next_commands(run_dir, recorded, best or latest):
             console.print(f"  {command}", markup=False, highlight=False)
     return finished

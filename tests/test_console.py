@@ -10,12 +10,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.cli import build_parser, main
 from common.console import configure_logging, import_quietly
+from server.checkpoints import RunDirectory
 from server.flower_console import failure_excerpt, run_flower, shown_line
 from server.progress import failure_lines, round_line
+from server.run_summary import print_run_summary
 
 ROOT = Path(__file__).parents[1]
 
@@ -185,3 +188,26 @@ def test_round_line_names_sites_aucs_and_the_best_round() -> None:
     )
     card = {"train": {"failures": [{"node_id": 7, "reason": "ValueError(\n'no scans')"}]}}
     assert failure_lines(2, 12, card) == ["round 2/12: node 7 failed: ValueError( 'no scans')"]
+
+
+def test_run_summary_marks_the_best_round_or_says_there_is_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = RunDirectory(tmp_path / "run")
+    run.write_json(
+        "run_config.json",
+        {"run_config": {"num-server-rounds": 2, "external-caches": f"ext={tmp_path / 'ext'}"}},
+    )
+    for server_round in range(3):
+        line = {"sites": {"a": 3}, "central": {"ext-auc_covid": 0.5 + 0.1 * server_round}}
+        run.save_round(server_round, {"w": np.zeros(1, np.float32)}, {}, line, {})
+    assert print_run_summary(run.path)
+    none = capsys.readouterr().out
+    assert "best round: none, tune AUC (tune-auc_covid) was never defined" in none
+    assert "◀ best" not in none and "round_002.safetensors --data" in none
+    run.update_best(1, "ext-auc_covid", 0.6)
+    assert print_run_summary(run.path, title="local baseline a")
+    marked = capsys.readouterr().out
+    assert "local baseline a" in marked and "best round: 1 (ext AUC 0.600)" in marked
+    assert [line.split()[1] for line in marked.splitlines() if "◀ best" in line] == ["1"]
+    assert f"--out {run.path.resolve() / 'eval-round_001'}" in marked

@@ -99,7 +99,7 @@ def test_report_marks_the_best_round_and_shows_sites_rounds_and_cross_site_detai
         **CROSS_SITE,
         "global_round": 3,
         "n": [[12, 12, None], [9, None, 9]],
-        "auc_covid_ci": [[[0.8, 0.97], [0.7, 0.95], None], [[0.7, 0.95], None, None]],
+        "auc_covid_ci": [[[0.8, 0.97], [0.7, 0.95], None], [[0.7, 0.95], None, [1.0, 1.0]]],
     }
     (tmp_path / "cross_site.json").write_text(json.dumps(cross))
     assert report_cli(tmp_path) == 0
@@ -127,7 +127,7 @@ def test_report_marks_the_best_round_and_shows_sites_rounds_and_cross_site_detai
     assert "dp-delta" not in text.split("the whole card")[0] and "0.001235" in text
     header = page.table_with("test data of ↓ / model →")[0]
     assert header[1:] == ["global (round 3)", "hospital-a's own", "hospital-b's own"]
-    assert "n = 12, CI 0.80–0.97" in text and "n = 9" in text
+    assert "n = 12, CI 0.80–0.97" in text and "n = 9, no CI: every resample equal" in text
 
 
 def test_report_without_cross_site_file_says_so(tmp_path: Path) -> None:
