@@ -19,6 +19,7 @@ from server.checkpoints import RunDirectory
 from server.flower_console import failure_excerpt, run_flower, shown_line
 from server.progress import failure_lines, round_line
 from server.run_summary import print_run_summary
+from server.simulate import write_run_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -211,3 +212,21 @@ def test_run_summary_marks_the_best_round_or_says_there_is_none(
     assert "local baseline a" in marked and "best round: 1 (ext AUC 0.600)" in marked
     assert [line.split()[1] for line in marked.splitlines() if "◀ best" in line] == ["1"]
     assert f"--out {run.path.resolve() / 'eval-round_001'}" in marked
+
+
+def test_a_local_baseline_prints_its_rounds_under_its_own_title(
+    run_config: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = ("backbone", "image-size", "batch-size", "lr", "device", "site-caches")
+    overrides = {k: run_config[k] for k in keys} | {"num-server-rounds": 1}
+    overrides |= {"external-caches": run_config["external-caches"], "run-dir": str(tmp_path / "b")}
+    config = write_run_config(tmp_path / "local.toml", overrides)
+    argv = ["train", "--mode", "local", "--site", "site_a", "--config", str(config)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "federated rounds" not in out and "local baseline site_a" in out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round ")] == [
+        "round 0/1",
+        "round 1/1",
+    ]
+    assert list((tmp_path / "b").glob("events.out.tfevents.*"))
