@@ -58,6 +58,13 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(v - centres), 0.0, 1.0)
 
 
+def colour_bar(width: int = 256, height: int = 12) -> np.ndarray:
+    """The overlay's colour scale as an RGB uint8 (height, width, 3) picture: CAM value 0
+    (no evidence) on the left to 1 (the scan's strongest evidence) on the right."""
+    row = _jet(np.linspace(0.0, 1.0, width)) * 255.0
+    return np.repeat(np.rint(row)[None].astype(np.uint8), height, axis=0)
+
+
 def overlay(slice_gray_uint8: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """An RGB uint8 (H, W, 3) picture: the grey slice blended with the jet-coloured CAM."""
     if slice_gray_uint8.ndim != 2 or slice_gray_uint8.shape != cam.shape:

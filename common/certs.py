@@ -34,15 +34,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from rich.console import Console
 from rich.markup import escape
+
+from common.console import err, out
 
 CA_NAME = "fedct federation CA"
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DNS_NAME = re.compile(rf"(\*\.)?{DNS_LABEL}(\.{DNS_LABEL})*")
 
-console = Console(stderr=True)
+console = err
 
 
 class CertsError(ValueError):
@@ -354,7 +355,5 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     for material in materials:
-        console.print(
-            escape(f"wrote {material.path}" + (" (mode 600)" if material.private else ""))
-        )
+        out.print(escape(f"wrote {material.path}" + (" (mode 600)" if material.private else "")))
     return 0

@@ -154,6 +154,10 @@ def operating_point_from_card(card: dict[str, Any], source: Path) -> OperatingPo
 def load_checkpoint(path: Path, *, slice_chunk: int | None = None) -> LoadedModel:
     """The model of a checkpoint or card ``path``, its sha256 checked against the card.
 
+    For a card, the weights are the file the card names beside it (``round_NNN.safetensors``
+    in a run directory) or, failing that, the file named like the card (``X.card.json`` →
+    ``X.safetensors``, as ``fedct pull`` writes them).
+
     ``slice_chunk`` overrides the card's slices-per-forward (a memory knob that does not change
     the predictions).  Raises CheckpointLoadError naming the file for every problem.
     """
@@ -166,6 +170,9 @@ def load_checkpoint(path: Path, *, slice_chunk: int | None = None) -> LoadedMode
         if not isinstance(name, str) or not name:
             raise CheckpointLoadError(f"{card_path}: model card names no checkpoint file")
         weights_path = card_path.with_name(name)
+        beside = card_path.with_name(card_path.name.removesuffix(CARD_SUFFIX) + WEIGHTS_SUFFIX)
+        if not weights_path.exists() and beside.exists():
+            weights_path = beside  # a pulled model.card.json beside its model.safetensors
     try:
         blob = weights_path.read_bytes()
     except OSError as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from common.cache import (
@@ -29,16 +29,17 @@ from common.cache import (
     write_settings,
 )
 from common.classes import GLOBAL_CLASSES, LabelMapError, load_label_map, to_global
-from common.ingest.base import Rejection, Scan, ScanLoadError
-from common.ingest.discover import FORMATS, read_input
+from common.console import err, out
+from common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
+from common.ingest.discover import FORMATS, LABELS_FILE, read_input
 from common.labels import LabelsError, LabelTable
 from common.normalize import parse_normalization, to_cache_pixels
 from common.pseudonym import load_or_create_salt, pseudonym
-from common.qa import build_qa, print_summary, write_qa
+from common.qa import QACollector, plural, print_summary, scan_hu_counts
 from common.selection import middle_slices
 from common.splits import assign_splits, parse_fractions
 
-console = Console(stderr=True)
+console = err
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class PrepareResult:
     rejections: list[Rejection]
     reused: int
     seconds: float
+    ignored: list[Ignored] = field(default_factory=list)  # files that are not inputs
 
 
 # Set in the parent before forking workers, so scans (with their open readers) need no pickling.
@@ -76,10 +78,11 @@ def _convert(index: int) -> dict[str, Any] | Rejection:
     try:
         hu = scan.load(start, stop)
         pixels = to_cache_pixels(hu, _JOB["norm"], scan.intensity, _JOB["size"])
-    except ScanLoadError as exc:
-        return exc.rejection
+    except ScanLoadError as exc:  # the whole scan is rejected: all its files
+        failed = exc.rejection
+        return Rejection(failed.path, failed.reason, failed.detail, scan.files)
     write_scan(_JOB["cache"], row["scan_id"], pixels)
-    return row
+    return {**row, **scan_hu_counts(scan, hu)}
 
 
 def _row_for(
@@ -105,11 +108,6 @@ def _row_for(
         "severity": scan.extra.get("severity", ""),
         "warnings": ";".join(scan.warnings),
     }
-
-
-def _is_file(path: Path, other: Path | None) -> bool:
-    """Whether ``path`` is ``other`` (the labels file kept inside the input folder)."""
-    return other is not None and path.exists() and path.resolve() == Path(other).resolve()
 
 
 def _fmt(value: float | None) -> str:
@@ -153,26 +151,30 @@ def prepare(
     # Pseudonym -> raw patient ID, in memory only: the split follows the data, not the salt.
     split_keys: dict[str, str] = {}
     reused = 0
-    for item in read_input(Path(input_dir), cfg.format, progress=progress):
+    collected = QACollector()
+    for item in read_input(Path(input_dir), cfg.format, progress=progress, labels=labels):
+        if isinstance(item, Ignored):
+            collected.ignored.append(item)
+            continue
         if isinstance(item, Rejection):
-            if not _is_file(Path(input_dir) / item.path, labels):
-                rejections.append(item)
+            rejections.append(item)
             continue
         label = table.label_of(item) if table else item.label
         global_class = to_global(label, mapping) if label else None
         if table is not None and label is None:
-            rejections.append(Rejection(item.source, "missing-label"))
+            rejections.append(item.rejected("missing-label"))
             continue
         if label is not None and global_class is None:
-            rejections.append(Rejection(item.source, "unknown-label", f"label {label!r}"))
+            rejections.append(item.rejected("unknown-label", f"label {label!r}"))
             continue
         if item.n_slices < cfg.min_slices:
             rejections.append(
-                Rejection(item.source, "too-few-slices", f"{item.n_slices} < {cfg.min_slices}")
+                item.rejected("too-few-slices", f"{item.n_slices} < {cfg.min_slices}")
             )
             continue
         row = _row_for(item, label, global_class, salt, cfg)
         split_keys[row["patient_id"]] = item.patient_key
+        collected.add_scan(item, row)
         if row["scan_id"] in existing and scan_path(cache_dir, row["scan_id"]).exists():
             rows[row["scan_id"]] = {**existing[row["scan_id"]], **row}
             reused += 1
@@ -186,7 +188,7 @@ def prepare(
             if isinstance(result, Rejection):
                 rejections.append(result)
             else:
-                rows[result["scan_id"]] = result
+                rows[result["scan_id"]] = collected.add_converted(result)
     finally:
         _PENDING.clear()
 
@@ -201,8 +203,8 @@ def prepare(
         row["split"] = split
     write_manifest(cache_dir, ordered)
     seconds = time.perf_counter() - began
-    write_qa(cache_dir, build_qa(ordered, rejections, salt, cfg, seconds))
-    return PrepareResult(ordered, rejections, reused, seconds)
+    collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
+    return PrepareResult(ordered, rejections, reused, seconds, collected.ignored)
 
 
 def _run_conversions(count: int, workers: int, progress: bool):
@@ -225,8 +227,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PrepareConfig()
     parser.add_argument("--input", required=True, type=Path, help="raw folder of one site")
     parser.add_argument("--out", required=True, type=Path, help="cache folder to create/extend")
-    parser.add_argument("--labels", type=Path, help="labels.csv (label + series_uid/study_uid/…)")
-    parser.add_argument("--label-map", type=Path, help="TOML: site label = global class")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="labels.csv: a label column and series_uid, study_uid, path or patient_id "
+        "(default: none; only the labels the folder layout gives, else every scan unlabelled)",
+    )
+    parser.add_argument(
+        "--label-map",
+        type=Path,
+        help="TOML: site label = global class (default: fedct's built-in map)",
+    )
     parser.add_argument("--format", choices=FORMATS, default=defaults.format)
     parser.add_argument("--size", type=int, default=defaults.size, help="slice size in pixels")
     parser.add_argument("--fraction", type=float, default=defaults.fraction)
@@ -251,6 +262,28 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     )
 
 
+def warn_unlabelled(rows: list[dict[str, Any]], input_dir: Path) -> None:
+    """Say on stderr, loudly, that scans without a label cannot be trained on, and how to
+    give labels (prepare was run without --labels)."""
+    unlabelled = sum(int(row["class_index"]) < 0 for row in rows)
+    if not unlabelled:
+        return
+    share = "all" if unlabelled == len(rows) else f"{unlabelled} of {len(rows)}"
+    lines = [
+        f"[bold yellow]warning:[/bold yellow] no --labels was given and the folder layout "
+        f"gives no label for {share} scans: they are unlabelled, and unlabelled scans are "
+        "never trained on (only scored).",
+        "  Give the labels as a CSV with a label column and one of series_uid, study_uid, "
+        "path or patient_id (docs/ingestion.md):",
+        f"  fedct prepare --input {escape(str(input_dir))} --out CACHE --labels labels.csv",
+    ]
+    if (input_dir / LABELS_FILE).is_file():
+        found = escape(str(input_dir / LABELS_FILE))
+        lines.append(f"  {found} exists: pass --labels {found}")
+    for line in lines:
+        err.print(line, highlight=False)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
@@ -258,12 +291,18 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, CacheError, LabelsError, LabelMapError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    print_summary(args.out, console)
+    print_summary(args.out, out)
     usable = len(result.rows)
-    console.print(
-        f"prepared {usable} scans ({result.reused} reused), rejected {len(result.rejections)} "
-        f"inputs in {result.seconds:.1f} s → {args.out}"
+    files = sum(len(r.files) for r in result.rejections)
+    out.print(
+        f"prepared {plural(usable, 'scan')} ({result.reused} reused), rejected "
+        f"{plural(len(result.rejections), 'input')} ({plural(files, 'file')}), ignored "
+        f"{plural(len(result.ignored), 'file')} in {result.seconds:.1f} s → {args.out}; "
+        f"details in {Path(args.out) / 'qa.html'}",
+        highlight=False,
     )
+    if args.labels is None:
+        warn_unlabelled(result.rows, Path(args.input))
     if usable == 0 or (args.strict and result.rejections):
         return 1
     return 0

@@ -35,20 +35,23 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizer
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from common.cache import ScanItem, pad_collate
+from common.console import import_quietly
 from common.device import autocast_context, autocast_dtype, pick_device
 from common.model import SliceClassifier, bn_state_keys
 from common.privacy_accounting import check_accountant, noise_for_target
 from common.training import TrainConfig, TrainResult, make_optimizer, proximal_anchor
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 _LOG = logging.getLogger(__name__)
 
@@ -188,8 +191,11 @@ def check_private_training(model: SliceClassifier, cfg: TrainConfig) -> None:
 def make_dp_optimizer(
     params: list[Tensor], cfg: TrainConfig, plan: DPPlan, noise: torch.Generator
 ) -> DPOptimizer:
-    """opacus' DPOptimizer around the AdamW/SGD of ``cfg``, clipping at ``plan.max_grad_norm``."""
-    return DPOptimizer(
+    """opacus' DPOptimizer around the AdamW/SGD of ``cfg``, clipping at ``plan.max_grad_norm``.
+
+    opacus is imported here, when DP is on, and kept from configuring the root logger."""
+    optimizers = import_quietly("opacus.optimizers")
+    return optimizers.DPOptimizer(
         make_optimizer(params, cfg),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,

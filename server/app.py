@@ -1,23 +1,28 @@
 """The coordinator's Flower ServerApp: settings from the run config, a fresh or resumed run,
 the rounds of :mod:`server.rounds`, then the cross-site validation of :mod:`server.crosssite`.
+Each round also logs its progress line (server/progress.py) and writes TensorBoard events
+(server/tensorboard_log.py); the run directory records the Flower run id.
 See docs/federated.md."""
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from common.provenance import software_versions
 from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
 from server.crosssite import cross_site_validation
 from server.global_model import GlobalModel
+from server.progress import ProgressLine
 from server.rounds import Federation
 from server.settings import ServerSettings
 from server.strategies import build_strategy, restore_strategy_state
+from server.tensorboard_log import TensorBoardLog
 
 app = ServerApp()
 
@@ -55,16 +60,33 @@ def main(grid: Grid, context: Context) -> None:
     run_key, first_round = _open_run(settings, run_dir, model, strategy)
     run_dir.write_json(
         "run_config.json",
-        {"run_key": run_key, "first_round": first_round, "run_config": dict(context.run_config)},
+        {
+            "run_key": run_key,
+            "first_round": first_round,
+            "flower_run_id": context.run_id,
+            "run_config": dict(context.run_config),
+        },
     )
     log(INFO, "run directory: %s", run_dir.path)
     evaluator = CentralEvaluator.for_run(model, settings)
     federation = Federation(
         grid, strategy, settings, run_dir, model, evaluator, context.run_config, run_key
     )
+    federation.card_extras = {
+        "run": {"run_key": run_key, "flower_run_id": context.run_id},
+        "software": software_versions(),
+    }
     if first_round > settings.num_rounds:
         log(INFO, "all %d rounds are done; raise num-server-rounds to go on", settings.num_rounds)
         return
-    final = federation.run(model.arrays(), first_round)
+    progress = ProgressLine(
+        run_dir,
+        settings.num_rounds,
+        lambda text: log(INFO, "%s", text),
+        lambda text: log(WARNING, "%s", text),
+    )
+    with TensorBoardLog(run_dir, first_round, dict(context.run_config)) as tensorboard:
+        federation.observers += [progress, tensorboard]
+        final = federation.run(model.arrays(), first_round)
     if settings.cross_site:
         cross_site_validation(federation, final)

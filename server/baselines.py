@@ -11,7 +11,8 @@ federated results can be read against them.
 - ``--mode local --site NAME``: one hospital alone on its own data.
 
 The tune/test metrics of each round are computed on the pooled tune/test splits of the sites
-used (``federated`` in metrics.jsonl, as for a federated run).
+used (``federated`` in metrics.jsonl, as for a federated run).  Like a federated run, each
+round prints its progress line and writes TensorBoard events into the run directory.
 
 :func:`compare_with_baselines` trains every baseline of a finished federated run and writes
 its ``baselines.json``: each arm's external AUC with its 95 % CI, at the round its own tuning
@@ -28,21 +29,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 from torch.utils.data import ConcatDataset
 
 from common.cache import CacheDataset, CacheError, check_run_settings, make_loader
 from common.classes import GLOBAL_CLASSES
+from common.console import err, out
 from common.metrics import summarize
+from common.provenance import software_versions
 from common.training import evaluate, train_local
 from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
 from server.global_model import GlobalModel
+from server.progress import ProgressLine
+from server.run_summary import print_run_summary
 from server.settings import ServerSettings, SettingsError, app_defaults
-from server.simulate import SimulateError, build_run_config, round_table
+from server.simulate import SimulateError, build_run_config
+from server.tensorboard_log import TensorBoardLog
 
-console = Console(stderr=True)
+console = err
 MODES = ("centralized", "local")
 
 
@@ -106,6 +111,8 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
         },  # fmt: skip
     )
     training = settings.training
+    progress = ProgressLine(run_dir, settings.num_rounds, out.print)
+    tensorboard = TensorBoardLog(run_dir, 0, run_config)
     for server_round in range(settings.num_rounds + 1):
         started = time.monotonic()
         train_metrics: dict[str, Any] = {}
@@ -133,6 +140,7 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
             "run_config": run_config,
             "train": train_metrics,
             "central_evaluation": central,
+            "software": software_versions(),
         }
         line = {
             "time": created,
@@ -145,6 +153,9 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
         run_dir.save_round(server_round, model.full_state(), card, line, {})
         metric = settings.best_metric
         run_dir.update_best(server_round, metric, federated.get(metric, central.get(metric)))
+        progress(server_round, card, line)
+        tensorboard(server_round, card, line)
+    tensorboard.close()
     return run_dir
 
 
@@ -244,9 +255,23 @@ def comparison_table(comparison: dict[str, Any]) -> Table:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--site", help="with --mode local: the site cache's folder name or index")
-    parser.add_argument("--config", type=Path, help="TOML of run-config keys (as fedct simulate)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--site",
+        help="with --mode local: the site cache's folder name or index (default: none; "
+        "needed with --mode local)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML of run-config keys, as for fedct simulate (default: none, the app's defaults)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key (repeatable; default: none)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,6 +281,6 @@ def run(args: argparse.Namespace) -> int:
     except (SimulateError, SettingsError, CacheError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    Console().print(round_table(run_dir.metrics()))
-    console.print(f"{args.mode} baseline written to {run_dir.path}")
+    what = "centralized baseline" if args.mode == "centralized" else f"local baseline {args.site}"
+    print_run_summary(run_dir.path, title=f"{what}: rounds of local-epochs epochs")
     return 0

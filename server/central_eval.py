@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flwr.common import log
 
-from common.bootstrap import covid_auc_interval
+from common.bootstrap import auc_interval
 from common.cache import CacheDataset, make_loader
 from common.metrics import summarize
 from common.training import evaluate
@@ -54,7 +54,7 @@ class CentralEvaluator:
             summary = summarize(result.labels, result.probs)
             metrics.update({f"{name}-{key}": value for key, value in summary.items()})
             metrics[f"{name}-loss"] = result.loss
-            low, high = covid_auc_interval(result.labels, result.probs, result.patient_ids)
+            low, high = auc_interval(result.labels, result.probs, result.patient_ids, n_boot=1000)
             metrics.update({f"{name}-auc_covid_ci_low": low, f"{name}-auc_covid_ci_high": high})
             log(
                 INFO,

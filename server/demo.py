@@ -21,18 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from common.cache import CacheError
+from common.console import err, out
 from common.prepare import PrepareConfig, prepare
 from common.qa import print_summary
 from common.synth.cohort import synthesize
 from server.baselines import compare_with_baselines, comparison_table
-from server.checkpoints import RunDirectory
+from server.run_summary import print_run_summary
 from server.settings import SettingsError
 from server.simulate import Resources, SimulateError, resolve_paths, simulate
 
-console = Console(stderr=True)
+console = err
 EXTERNAL = "mosmed"
 
 
@@ -133,49 +132,46 @@ def resources(config: dict[str, Any]) -> Resources:
     )
 
 
-def run_demo(config_path: Path) -> int:
+def run_demo(config_path: Path, *, verbose: bool = False) -> int:
     began = time.perf_counter()
     config = load_config(config_path)
     overrides = demo_run_config(config)
     prepared = time.perf_counter()
-    code = simulate(overrides, resources=resources(config))
+    code = simulate(overrides, resources=resources(config), verbose=verbose, summary=False)
     federated = time.perf_counter()
     if code != 0:
         return code
     run_dir = Path(overrides["run-dir"])
     timings = [f"data {prepared - began:.0f} s", f"federated {federated - prepared:.0f} s"]
+    comparison = None
     if config.get("baselines", {}).get("run", True):
-        Console().print(comparison_table(compare_with_baselines(overrides, run_dir)))
+        comparison = compare_with_baselines(overrides, run_dir)
         timings.append(f"baselines {time.perf_counter() - federated:.0f} s")
     else:
         timings.append("baselines not run ([baselines] run = false)")
-    console.print(f"demo: {', '.join(timings)}; run directory {run_dir}")
-    print_next_steps(run_dir, Path(config["synth"]["out"]) / "external" / EXTERNAL)
+
+    def comparison_and_timings() -> None:
+        if comparison is not None:
+            out.print(comparison_table(comparison))
+        out.print(f"demo: {', '.join(timings)}", highlight=False)
+
+    print_run_summary(run_dir, between=comparison_and_timings)
     return 0
 
 
-def print_next_steps(run_dir: Path, external_raw: Path) -> None:
-    """The best round's checkpoint and the commands that look at it."""
-    best = RunDirectory(run_dir).read_json("best.json")
-    if best is None:
-        console.print(f"no round had a finite tune metric; every checkpoint is in {run_dir}")
-        return
-    checkpoint = run_dir / best["checkpoint"]
-    console.print(
-        f"best round {best['round']} ({best['metric']} {best['value']:.3f}): {checkpoint}\n"
-        f"next: fedct report {run_dir}\n"
-        f"      fedct evaluate --model {checkpoint} --data {external_raw} "
-        f"--out {run_dir / 'evaluation'}"
-    )
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/demo.toml"),
+        help="the demo's TOML: [synth], [prepare], [simulation], [run], [baselines] "
+        "(default: configs/demo.toml)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return run_demo(args.config)
+        return run_demo(args.config, verbose=args.verbose)
     except (DemoError, SimulateError, SettingsError, CacheError, KeyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -3,8 +3,11 @@
 A thin wrapper around ``flwr run APP local --stream``: it writes a private Flower home (its
 own config.toml with a ``:local:`` SuperLink connection, free ports), passes the run config
 (``--config`` TOML file of ``[tool.flwr.app.config]`` keys, then ``--set KEY=VALUE``) with
-every path made absolute, prints a per-round table of the run's metrics, and stops the
-background SuperLink, SuperExec and simulation processes that ``flwr run`` leaves behind.
+every path made absolute, shows a line per round while Flower's own output goes to
+RUN_DIR/flower.log (server/flower_console.py; ``--verbose`` shows it too), prints the rounds
+table and the next commands (server/run_summary.py), and stops the background SuperLink,
+SuperExec and simulation processes that ``flwr run`` leaves behind.  The Flower home is kept
+in RUN_DIR/flower, so that ``fedct flwr RUN_DIR ls`` / ``log`` show Flower's record of it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,18 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from common.console import err
 from common.weights import weights_spec
-from server.checkpoints import RunDirectory
+from server.flower_console import failure_excerpt, run_flower
+from server.run_summary import print_run_summary, run_finished
 from server.settings import parse_external_caches
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("run-dir", "resume-from")
 FLOWER_CONFIG = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+FLOWER_HOME = "flower"  # RUN_DIR/flower: the simulation's Flower home, kept after the run
+FLOWER_LOG = "flower.log"  # RUN_DIR/flower.log: everything flwr run printed
 
-console = Console(stderr=True)
+console = err
 
 
 class SimulateError(RuntimeError):
@@ -50,14 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="TOML file of run-config keys, as in [tool.flwr.app.config] (site-caches, "
         "external-caches, num-server-rounds, strategy, ...); relative paths are taken from "
-        "the current directory",
+        "the current directory (default: none, the app's defaults)",
     )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one run-config key (repeatable), e.g. --set strategy=fedbn",
+        help="override one run-config key (repeatable), e.g. --set strategy=fedbn (default: none)",
     )
     parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated site")
     parser.add_argument(
@@ -76,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flwr-home",
         type=Path,
-        help="keep Flower's state and logs here (default: a temporary directory, removed after)",
+        help="keep Flower's state and logs here (default: RUN_DIR/flower, kept so that "
+        "fedct flwr RUN_DIR ls / log work on the finished run)",
     )
 
 
@@ -291,74 +295,48 @@ def flwr_run_command(
     ]
 
 
-def round_table(metrics: list[dict[str, Any]]) -> Table:
-    """Rows of metrics.jsonl: sites, train loss, tune AUC, and AUC/loss per external set."""
-    externals = sorted(
-        {
-            key.removesuffix("-auc_covid")
-            for line in metrics
-            for key in line.get("central", {})
-            if key.endswith("-auc_covid")
-        }
-    )
-    table = Table(title="federated rounds")
-    for column in ("round", "sites", "train loss", "tune AUC"):
-        table.add_column(column, justify="right")
-    for name in externals:
-        table.add_column(f"{name} AUC (95 % CI)", justify="right")
-        table.add_column(f"{name} loss", justify="right")
-
-    def fmt(value: Any) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
-    def auc(central: dict[str, Any], name: str) -> str:
-        low, high = (central.get(f"{name}-auc_covid_ci_{end}") for end in ("low", "high"))
-        interval = "" if low is None or high is None else f" ({low:.2f}–{high:.2f})"
-        return fmt(central.get(f"{name}-auc_covid")) + interval
-
-    for line in metrics:
-        kept = " (kept previous)" if line.get("kept_previous_model") else ""
-        row = [
-            str(line["round"]),
-            f"{len(line.get('sites', {}))}{kept}",
-            fmt(line.get("train", {}).get("train-loss")),
-            fmt(line.get("federated", {}).get("tune-auc_covid")),
-        ]
-        for name in externals:
-            central = line.get("central", {})
-            row += [auc(central, name), fmt(central.get(f"{name}-loss"))]
-        table.add_row(*row)
-    return table
-
-
 def simulate(
     overrides: dict[str, Any],
     *,
     app: Path = PROJECT_ROOT,
     flwr_home: Path | None = None,
     resources: Resources = Resources(),
+    verbose: bool = False,
+    summary: bool = True,
 ) -> int:
     """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when every
-    round was checkpointed."""
+    round was checkpointed.  ``flwr_home`` defaults to RUN_DIR/flower; ``summary=False``
+    leaves the closing table and next commands (:func:`print_run_summary`) to the caller."""
     run_dir = Path(overrides.get("resume-from") or overrides["run-dir"])
     sites = overrides["site-caches"].split(",")
-    with local_flower(flwr_home) as (home, env):
+    log_path = run_dir / FLOWER_LOG
+    with local_flower(flwr_home or run_dir / FLOWER_HOME) as (home, env):
         run_config_file = write_run_config(home / "run-config.toml", overrides)
         console.print(
             f"simulating {len(sites)} sites, {resources.sites_at_once(len(sites))} at once; "
-            f"run directory {run_dir}"
+            f"run directory {run_dir}; Flower's output goes to {log_path}",
+            highlight=False,
         )
         command = flwr_run_command(app.resolve(), run_config_file, len(sites), resources)
-        returncode = subprocess.run(command, env=env, check=False).returncode
-    directory = RunDirectory(run_dir)
-    metrics = directory.metrics()
-    if metrics:
-        Console().print(round_table(metrics))
-    recorded = (directory.read_json("run_config.json") or {}).get("run_config", {})
-    wanted = int(recorded.get("num-server-rounds", 0))
-    finished = bool(metrics) and wanted > 0 and metrics[-1]["round"] >= wanted
-    if returncode != 0 or not finished:
-        console.print(f"[red]the run did not finish[/red]; see the log above and {run_dir}")
+        flower = run_flower(
+            command,
+            env,
+            log_path,
+            verbose=verbose,
+            on_run_id=lambda run_id: console.print(
+                f"Flower run {run_id} started (the simulated sites take a few seconds to start)",
+                highlight=False,
+            ),
+        )
+        shutil.rmtree(home / "apps", ignore_errors=True)  # a copy of the app, not needed after
+    finished = print_run_summary(run_dir) if summary else run_finished(run_dir)
+    if flower.returncode != 0 or not finished:
+        for line in failure_excerpt(log_path):
+            console.print(line, markup=False, highlight=False)
+        console.print(
+            f"[red]the run did not finish[/red]; Flower's whole output is in {log_path}",
+            highlight=False,
+        )
         return 1
     return 0
 
@@ -371,4 +349,10 @@ def run(args: argparse.Namespace) -> int:
     except (SimulateError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    return simulate(overrides, app=args.app, flwr_home=args.flwr_home, resources=resources)
+    return simulate(
+        overrides,
+        app=args.app,
+        flwr_home=args.flwr_home,
+        resources=resources,
+        verbose=args.verbose,
+    )

@@ -125,7 +125,8 @@ def test_cache_with_the_cards_operating_point(tmp_path: Path, cache: Path) -> No
 
     assert not EXTERNAL_LINK.search(report)
     assert report.count("<svg") >= 2 and "ROC curve" in report
-    assert report.count("data:image/png;base64,") == 6  # 3 correct, 3 wrong CAM overlays
+    assert report.count('alt="CAM of scan') == 6  # 3 correct, 3 wrong CAM overlays
+    assert report.count('alt="slice of scan') == 6  # each beside its plain slice
 
 
 def test_operating_point_is_chosen_on_the_tuning_data(tmp_path: Path, cache: Path) -> None:
