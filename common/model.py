@@ -58,6 +58,12 @@ class ModelConfig:
         if self.freeze_bn and self.norm != "batch":
             raise ValueError("freeze_bn applies to BatchNorm; it needs norm 'batch'")
 
+    @property
+    def batchnorm_frozen_or_absent(self) -> bool:
+        """Whether no BatchNorm normalises by batch statistics in training (GroupNorm, frozen
+        BatchNorm or a frozen backbone): what patient-level DP needs."""
+        return self.norm == "group" or self.freeze_bn or self.freeze_backbone
+
     def without_weights(self) -> ModelConfig:
         """The same model with nothing to load: for rebuilding a model whose every weight is
         about to be filled from a checkpoint or the coordinator."""

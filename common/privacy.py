@@ -176,10 +176,11 @@ def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]
 def check_private_training(model: SliceClassifier, cfg: TrainConfig) -> None:
     """PrivacyError unless ``model`` and ``cfg`` suit per-patient DP: no training BatchNorm,
     no class weighting."""
-    if bn_state_keys(model) and not model.cfg.freeze_bn:
+    if bn_state_keys(model) and not model.cfg.batchnorm_frozen_or_absent:
         raise PrivacyError(
             "patient-level DP needs a model without training BatchNorm, which mixes patients "
-            'in a batch and keeps un-noised statistics: set norm = "group" or freeze-bn = true'
+            'in a batch and keeps un-noised statistics: set norm = "group", freeze-bn = true '
+            "or freeze-backbone = true"
         )
     if cfg.class_weighting != "none":
         raise PrivacyError(

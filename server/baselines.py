@@ -203,10 +203,12 @@ def compare_with_baselines(overrides: dict[str, Any], federated: Path) -> dict[s
         run_dir = train_baseline(
             {**overrides, "run-dir": str(federated / "baselines" / name)}, mode, site
         )
-        results[name] = external_result(run_dir, external)
+        seconds = round(time.monotonic() - began, 1)
+        results[name] = {**external_result(run_dir, external), "seconds": seconds}
         console.print(
-            f"baseline {name}: {time.monotonic() - began:.0f} s, {external} AUC "
-            f"{_auc_text(results[name])} at round {results[name]['round']}"
+            f"baseline {name}: {seconds:.0f} s, {external} AUC "
+            f"{auc_text(results[name])} at round {results[name]['round']}",
+            highlight=False,
         )
     comparison = {
         "external": external,
@@ -219,7 +221,8 @@ def compare_with_baselines(overrides: dict[str, Any], federated: Path) -> dict[s
     return comparison
 
 
-def _auc_text(result: dict[str, Any]) -> str:
+def auc_text(result: dict[str, Any]) -> str:
+    """``0.931 (0.897–0.958)``: an arm's AUC with its CI, as far as they are defined."""
     low, high = result["ci"]
     if result["auc"] is None:
         return "–"
@@ -228,28 +231,32 @@ def _auc_text(result: dict[str, Any]) -> str:
     return f"{result['auc']:.3f} ({low:.3f}–{high:.3f})"
 
 
-def comparison_table(comparison: dict[str, Any]) -> Table:
-    """baselines.json as a table: one row per arm, AUC with CI at the selected and last round."""
+def comparison_rows(comparison: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The arms of baselines.json by display name: federated, centralized, each site alone."""
+    return {
+        "federated": comparison["federated"],
+        "centralized": comparison["centralized"],
+        **{f"{site} alone": result for site, result in comparison["local"].items()},
+    }
+
+
+def comparison_table(rows: dict[str, dict[str, Any]], external: str, selected_by: str) -> Table:
+    """One row per arm: the external AUC with its CI at the round the arm's tuning data pick
+    and at its last round, and its seconds where recorded."""
     table = Table(
-        title=f"federated against its baselines: {comparison['external']} AUC (95 % CI)",
-        caption=f"round: picked by {comparison['selected_by']} on each arm's own tuning data",
+        title=f"federated against its baselines: {external} AUC (95 % CI)",
+        caption=f"round: picked by {selected_by} on each arm's own tuning data",
     )
-    for column in ("run", "round", "AUC (95 % CI)", "last round", "AUC (95 % CI) "):
+    timed = any("seconds" in row for row in rows.values())
+    columns = ("run", "round", "AUC (95 % CI)", "last round", "AUC (95 % CI) ")
+    for column in columns + (("s",) if timed else ()):
         table.add_column(column, justify="left" if column == "run" else "right")
-    rows = [
-        ("federated", comparison["federated"]),
-        ("centralized", comparison["centralized"]),
-        *((f"{site} alone", result) for site, result in comparison["local"].items()),
-    ]
-    for name, result in rows:
-        final = result["final"]
-        table.add_row(
-            name,
-            str(result["round"]),
-            _auc_text(result),
-            str(final["round"]),
-            _auc_text(final),
-        )
+    for name, row in rows.items():
+        final = row["final"]
+        cells = [name, str(row["round"]), auc_text(row), str(final["round"]), auc_text(final)]
+        if timed:
+            cells.append("–" if row.get("seconds") is None else f"{row['seconds']:.0f}")
+        table.add_row(*cells)
     return table
 
 

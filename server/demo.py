@@ -26,7 +26,7 @@ from common.console import err, out
 from common.prepare import PrepareConfig, prepare
 from common.qa import print_summary
 from common.synth.cohort import synthesize
-from server.baselines import compare_with_baselines, comparison_table
+from server.baselines import compare_with_baselines, comparison_rows, comparison_table
 from server.run_summary import print_run_summary
 from server.settings import SettingsError
 from server.simulate import Resources, SimulateError, resolve_paths, simulate
@@ -152,7 +152,8 @@ def run_demo(config_path: Path, *, verbose: bool = False) -> int:
 
     def comparison_and_timings() -> None:
         if comparison is not None:
-            out.print(comparison_table(comparison))
+            rows = comparison_rows(comparison)
+            out.print(comparison_table(rows, comparison["external"], comparison["selected_by"]))
         out.print(f"demo: {', '.join(timings)}", highlight=False)
 
     print_run_summary(run_dir, between=comparison_and_timings)

@@ -187,10 +187,10 @@ class ServerSettings:
             problems.append("fedprox needs a positive proximal-mu")
         if self.privacy.enabled and self.training.class_weighting != "none":
             problems.append("dp needs class-weighting = none (balanced weights use every patient)")
-        if self.privacy.enabled and self.model.norm != "group" and not self.model.freeze_bn:
+        if self.privacy.enabled and not self.model.batchnorm_frozen_or_absent:
             problems.append(
-                'dp needs norm = "group" or freeze-bn = true (BatchNorm in training mode mixes '
-                "patients in a batch)"
+                'dp needs norm = "group", freeze-bn = true or freeze-backbone = true (BatchNorm '
+                "in training mode mixes patients in a batch)"
             )
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
