@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 from rich.console import Console
@@ -61,3 +63,19 @@ def import_quietly(name: str) -> ModuleType:
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
         root.setLevel(level)
+
+
+@contextmanager
+def flower_lines_hidden() -> Iterator[None]:
+    """Flower's console handlers at WARNING within the block (unless ``--verbose`` set them to
+    DEBUG).  For runs in fedct's own process (``fedct train``, the demo's baselines): they print
+    a line per round, which the INFO lines logged through Flower's logger would repeat."""
+    handlers = [h for h in logging.getLogger("flwr").handlers if h.level > logging.DEBUG]
+    levels = [h.level for h in handlers]
+    for handler in handlers:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(handlers, levels, strict=True):
+            handler.setLevel(level)

@@ -34,7 +34,7 @@ from torch.utils.data import ConcatDataset
 
 from common.cache import CacheDataset, CacheError, check_run_settings, make_loader
 from common.classes import GLOBAL_CLASSES
-from common.console import err, out
+from common.console import err, flower_lines_hidden, out
 from common.metrics import summarize
 from common.provenance import software_versions
 from common.training import evaluate, train_local
@@ -80,6 +80,7 @@ def select_caches(site_caches: list[Path], mode: str, site: str | None) -> list[
     raise SettingsError(f"--site {site!r} is none of the site caches ({names})")
 
 
+@flower_lines_hidden()
 def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> RunDirectory:
     """Train and record a baseline run; returns its run directory."""
     run_config = {**app_defaults(), **overrides}

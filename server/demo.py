@@ -1,4 +1,4 @@
-"""``fedct demo``: synthesize hospitals, prepare every site, and run a federated simulation.
+"""``fedct demo``: synthesize hospitals, prepare them, run a federation and its baselines.
 
 The whole product on one machine, from one TOML file (``configs/demo.toml``): a seeded
 synthetic cohort of non-IID hospitals and a MosMedData-like external set (``[synth]``), a
