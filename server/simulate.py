@@ -3,8 +3,10 @@
 A thin wrapper around ``flwr run APP local --stream``: it writes a private Flower home (its
 own config.toml with a ``:local:`` SuperLink connection, free ports), passes the run config
 (``--config`` TOML file of ``[tool.flwr.app.config]`` keys, then ``--set KEY=VALUE``) with
-every path made absolute, prints a per-round table of the run's metrics, and stops the
-background SuperLink, SuperExec and simulation processes that ``flwr run`` leaves behind.
+every path made absolute, checks the run before starting Flower (server/preflight.py),
+prints a per-round table of the run's metrics, and stops the background SuperLink, SuperExec
+and simulation processes that ``flwr run`` leaves behind.  It exits 0 only when Flower
+reports the run completed and every round is checkpointed; otherwise its last line says why.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from server.checkpoints import RunDirectory
-from server.settings import parse_external_caches
+from server.checkpoints import CheckpointError, RunDirectory
+from server.preflight import PreflightError, check_before_launch, unknown_key
+from server.settings import app_defaults, parse_external_caches
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("run-dir", "resume-from", "pretrained-weights")
@@ -97,8 +100,14 @@ def build_run_config(config: Path | None, assignments: list[str]) -> dict[str, A
     ``runs/<timestamp>`` here."""
     overrides: dict[str, Any] = {}
     if config is not None:
-        with open(config, "rb") as handle:
-            overrides.update(tomllib.load(handle))
+        try:
+            with open(config, "rb") as handle:
+                overrides.update(tomllib.load(handle))
+        except tomllib.TOMLDecodeError as exc:
+            raise SimulateError(f"{config}: not valid TOML ({exc})") from None
+        for key in overrides:
+            if problem := unknown_key(key, str(config)):
+                raise SimulateError(problem)
     return resolve_paths(apply_assignments(overrides, assignments))
 
 
@@ -109,6 +118,8 @@ def apply_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict
         key, sep, value = assignment.partition("=")
         if not sep:
             raise SimulateError(f"--set {assignment!r}: expected KEY=VALUE")
+        if problem := unknown_key(key.strip(), f"--set {assignment}"):
+            raise SimulateError(problem)
         overrides[key.strip()] = _parse_value(value.strip())
     return overrides
 
@@ -330,10 +341,16 @@ def simulate(
     flwr_home: Path | None = None,
     resources: Resources = Resources(),
 ) -> int:
-    """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when every
-    round was checkpointed."""
+    """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when Flower
+    reports the run completed and every round was checkpointed, 2 when the run could not
+    start, 1 when it failed (the last line printed says why)."""
     run_dir = Path(overrides.get("resume-from") or overrides["run-dir"])
     sites = overrides["site-caches"].split(",")
+    try:
+        check_before_launch(overrides)
+    except PreflightError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        return 2
     with local_flower(flwr_home) as (home, env):
         run_config_file = write_run_config(home / "run-config.toml", overrides)
         console.print(
@@ -342,17 +359,48 @@ def simulate(
         )
         command = flwr_run_command(app.resolve(), run_config_file, len(sites), resources)
         returncode = subprocess.run(command, env=env, check=False).returncode
+        status, details = run_status(env)
     directory = RunDirectory(run_dir)
-    metrics = directory.metrics()
+    try:
+        metrics = directory.metrics()
+        latest = (directory.read_json("latest.json") or {}).get("round")
+    except CheckpointError as exc:
+        metrics, latest, details = [], None, f"{details} {exc}".strip()
     if metrics:
         Console().print(round_table(metrics))
-    recorded = (directory.read_json("run_config.json") or {}).get("run_config", {})
-    wanted = int(recorded.get("num-server-rounds", 0))
-    finished = bool(metrics) and wanted > 0 and metrics[-1]["round"] >= wanted
-    if returncode != 0 or not finished:
-        console.print(f"[red]the run did not finish[/red]; see the log above and {run_dir}")
+    wanted = int({**app_defaults(), **overrides}["num-server-rounds"])
+    if status != "finished:completed":
+        reason = details or f"flwr run exited with {returncode}"
+        console.print(f"[red]error:[/red] the run ended {status}: {reason}", soft_wrap=True)
+        return 1
+    if latest is None or latest < wanted:
+        console.print(
+            f"[red]error:[/red] the run ended after round {latest} of {wanted}; see the log "
+            f"above and {run_dir}",
+            soft_wrap=True,
+        )
         return 1
     return 0
+
+
+def run_status(env: dict[str, str]) -> tuple[str, str]:
+    """(status, details) of the last run of this Flower home, as ``flwr ls`` reports it
+    (``finished:completed``, ``finished:failed`` with the ServerApp's exception, ...)."""
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "ls", "local", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        runs = json.loads(listed.stdout)["runs"]
+    except (ValueError, KeyError):
+        return "unknown", f"flwr ls failed: {(listed.stdout + listed.stderr).strip()[-300:]}"
+    if not runs:
+        return "unknown", "flwr ls lists no run"
+    last = max(runs, key=lambda run: run.get("pending-at") or "")
+    return str(last["status"]), " ".join(str(last.get("status-details") or "").split())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,6 +409,6 @@ def run(args: argparse.Namespace) -> int:
         overrides = build_run_config(args.config, args.set)
         resources = Resources(args.client_cpus, args.client_gpus, args.cpus)
     except (SimulateError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
     return simulate(overrides, app=args.app, flwr_home=args.flwr_home, resources=resources)
