@@ -52,6 +52,9 @@ def collect(
     docstring).  Nodes without a reply are in ``missing`` with the deadline that ended."""
     messages = list(messages)
     ids = list(grid.push_messages(messages))
+    if len(ids) != len(messages):  # a grid that leaves out what it did not store
+        taken = set(ids)
+        ids = [m.metadata.message_id if m.metadata.message_id in taken else "" for m in messages]
     out = Collected()
     pending: dict[str, int] = {}
     for message_id, message in zip(ids, messages, strict=True):

@@ -54,7 +54,8 @@ def _process_start(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2 :].split()[19]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ class Holder:
     def gone(self, now: float, stale_after: float) -> str | None:
         """Why the holder is gone, or None while it may still be writing."""
         if self.host == socket.gethostname():
-            if not _pid_alive(self.pid):
+            if not pid_alive(self.pid):
                 return f"its process {self.pid} no longer exists"
             start = _process_start(self.pid)
             if self.process_start and start and start != self.process_start:

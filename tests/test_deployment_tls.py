@@ -12,17 +12,13 @@ test fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,9 +31,18 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from common import certs
 from server.registry import read_tls
 from server.simulate import free_port, write_run_config
+from tests import deployment
+from tests.deployment import (
+    ROOT,
+    Processes,
+    flwr,
+    host_env,
+    superexec_command,
+    superlink_command,
+    supernode_command,
+    wait_for_port,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SITES = ("hospital-a", "hospital-b")
 REGISTERED = (*SITES, "hospital-c")  # hospital-c is registered but never joins
 
@@ -123,43 +128,6 @@ def test_certs_reject_bad_input_and_write_nothing(
 # --- the deployment engine over TLS ----------------------------------------------------------
 
 
-@dataclass
-class Processes:
-    """Processes started for the test, each the leader of its own process group."""
-
-    logs: Path
-    started: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
-
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = self.logs / f"{name}.log"
-        with open(log, "wb") as handle:
-            process = subprocess.Popen(
-                command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.started.append((process, log))
-        return process
-
-    def log(self, process: subprocess.Popen[bytes]) -> str:
-        return next(log for p, log in self.started if p is process).read_text(errors="replace")
-
-    @staticmethod
-    def stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-        """SIGTERM the process group (the process and the app processes it spawned), then
-        SIGKILL whatever is left."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break  # the whole group is gone
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=grace)
-        process.wait()
-
-    def stop_all(self) -> None:
-        for process, _ in reversed(self.started):
-            self.stop(process)
-
-
 @dataclass(frozen=True)
 class Coordinator:
     """The running SuperLink, and how to reach it as the operator."""
@@ -170,47 +138,8 @@ class Coordinator:
     superlink: subprocess.Popen[bytes]
 
 
-def host_env(home: Path) -> dict[str, str]:
-    """A host's environment: its own Flower home, this venv, no network calls, one thread."""
-    home.mkdir(parents=True, exist_ok=True)
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-
-
-def flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "flwr"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-    )
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited with {process.returncode} before listening"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"nothing listens on {port} after {timeout} s")
-
-
 def node_statuses(coordinator: Coordinator) -> list[str]:
-    listed = flwr(coordinator.env, "supernode", "ls", "fedct", "--format", "json")
-    assert listed.returncode == 0, listed.stdout + listed.stderr
-    return sorted(node["status"] for node in json.loads(listed.stdout)["nodes"])
+    return deployment.node_statuses(coordinator.env, "fedct")
 
 
 @pytest.fixture(scope="module")
@@ -249,40 +178,15 @@ def coordinator(hosts: Path, processes: Processes) -> Coordinator:
         f'[superlink.plaintext]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     secret = ["--superexec-auth-secret-file", str(pki / "superexec.secret")]
+    tls = ["--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "superlink.crt")]
+    tls += ["--ssl-keyfile", str(pki / "superlink.key"), "--enable-supernode-auth"]
     superlink = processes.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(pki / "ca.crt"),
-            "--ssl-certfile",
-            str(pki / "superlink.crt"),
-            "--ssl-keyfile",
-            str(pki / "superlink.key"),
-            "--enable-supernode-auth",
-            "--isolation",
-            "process",
-            "--database",
-            str(host / "state.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *secret,
-        ],
-        env,
+        "superlink", superlink_command(port, host / "state.db", *tls, *secret), env
     )
     wait_for_port(port, superlink)
     processes.start(
         "superexec-serverapp",
-        [
-            str(BIN / "flower-superexec"),
-            "--runtime-api-address",
-            f"127.0.0.1:{port}",
-            "--root-certificates",
-            str(pki / "ca.crt"),
-            *secret,
-        ],
+        superexec_command(port, "--root-certificates", str(pki / "ca.crt"), *secret),
         env,
     )
     for site in REGISTERED:
@@ -304,36 +208,15 @@ def start_hospital(
     """A hospital's SuperNode (process isolation, its own runtime API port)."""
     host = hosts / site
     runtime_port = free_port()
-    command = [
-        str(BIN / "flower-supernode"),
-        "--superlink",
-        f"127.0.0.1:{coordinator.port}",
-        *transport,
-        "--isolation",
-        "process",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(runtime_port),
-        "--superexec-auth-secret-file",
-        str(host / "pki" / "superexec.secret"),
-    ]
-    if node_config:
-        command += ["--node-config", node_config]
+    secret = ["--superexec-auth-secret-file", str(host / "pki" / "superexec.secret")]
+    command = supernode_command(
+        coordinator.port, runtime_port, *transport, *secret, node_config=node_config
+    )
     supernode = processes.start(f"supernode-{site}", command, host_env(host / "flwr-home"))
     if node_config:
-        processes.start(
-            f"superexec-{site}",
-            [
-                str(BIN / "flower-superexec"),
-                "--runtime-api-address",
-                f"127.0.0.1:{runtime_port}",
-                "--insecure",  # the SuperNode's runtime API listens on loopback only
-                "--superexec-auth-secret-file",
-                str(host / "pki" / "superexec.secret"),
-            ],
-            host_env(host / "flwr-home"),
-        )
+        # The SuperNode's runtime API listens on loopback only.
+        superexec = superexec_command(runtime_port, "--insecure", *secret)
+        processes.start(f"superexec-{site}", superexec, host_env(host / "flwr-home"))
     return supernode
 
 
