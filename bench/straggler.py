@@ -36,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tests.conftest import write_tiny_cache
-from tests.deployment import PlaintextFederation, Processes
+from tests.deploy_procs import Processes
+from tests.plaintext_federation import PlaintextFederation
 
 RESULTS = Path(__file__).parent / "results"
 SITES = ("hospital-a", "hospital-b", "hospital-c")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -66,8 +66,7 @@ def model_layout(model_config: str) -> Layout:
     """The travelling-state layout of the model of ``model_config`` (the JSON the coordinator
     sends).  Built on the meta device and materialised uninitialised: nothing is computed,
     and no pretrained weights are read."""
-    fields = {**json.loads(model_config), "pretrained_weights": None, "pretrained_from_hub": False}
-    cfg = ModelConfig(**fields)
+    cfg = ModelConfig(**json.loads(model_config)).without_weights()
     with torch.device("meta"):
         model = build_model(cfg)
     model.to_empty(device="cpu")
@@ -168,6 +167,12 @@ def describe(reply: Message) -> dict[str, Any]:
     }
 
 
+def audit_log_path(node_config: Mapping[str, Any], cache_dir: Path) -> Path:
+    """The site's audit log: node-config ``audit-log``, else ``AUDIT_FILE`` in the cache."""
+    explicit = str(node_config.get("audit-log") or "").strip()
+    return Path(explicit).expanduser() if explicit else cache_dir / AUDIT_FILE
+
+
 def append_line(path: Path, entry: dict[str, Any]) -> None:
     """Append ``entry`` as one JSON line with a single write to a file opened for appending,
     so that lines of concurrent ClientApps never interleave."""
@@ -193,8 +198,7 @@ def egress_guard(message: Message, context: Context, call_next: ClientAppCallabl
     A node whose site cannot be resolved fails here, with the error its handler would raise.
     """
     site = resolve_site(context.node_config, context.run_config)
-    explicit = str(context.node_config.get("audit-log") or "").strip()
-    audit_log = Path(explicit).expanduser() if explicit else site.cache_dir / AUDIT_FILE
+    audit_log = audit_log_path(context.node_config, site.cache_dir)
     entry: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "run": message.metadata.run_id,

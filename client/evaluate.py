@@ -2,9 +2,11 @@
 
 The model is rebuilt from its card and its weights' sha256 checked (common/checkpoint_io.py).
 A raw folder is prepared into a temporary cache with the size, slice fraction and
-normalisation the model was trained with.  The COVID-19 operating point is never chosen on
-the data being reported: it is the card's, else chosen on ``--tune-data``, else a fixed 0.5
-marked as not tuned.  Writes predictions.csv, metrics.json and report.html (docs/evaluation.md).
+normalisation the model was trained with; a cache prepared with other settings is refused.
+The COVID-19 operating point is never chosen on the data being reported: it is the card's,
+else chosen on ``--tune-data``, else a fixed 0.5 marked as not tuned.  Writes
+predictions.csv, metrics.json and report.html (docs/evaluation.md); an --out folder that
+holds an earlier evaluation is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from common.cache import (
     CacheError,
     atomic_open,
     make_loader,
+    patient_content_keys,
     read_manifest,
     read_settings,
     scan_path,
@@ -51,13 +54,20 @@ from common.checkpoint_io import (
     prepare_settings_from_card,
 )
 from common.classes import COVID_INDEX, GLOBAL_CLASSES, LabelMapError
+from common.console import out as stdout
 from common.device import DeviceError, pick_device
 from common.ingest.discover import FORMATS
 from common.labels import LabelsError
-from common.metrics import calibration_bins, roc_curve_points
+from common.metrics import (
+    calibration_bins,
+    calibration_scores,
+    roc_curve_points,
+    wilson_interval,
+)
 from common.model import SliceClassifier
 from common.operating_point import OperatingPoint, choose_operating_point
 from common.prepare import PrepareConfig, prepare
+from common.provenance import software_versions
 from common.scan_index import verify_cache
 from common.training import EvalResult, evaluate
 
@@ -72,6 +82,7 @@ PREDICTION_FIELDS = (
     "predicted_class",
     "called_covid19",
 )
+OUTPUTS = ("predictions.csv", "metrics.json", "report.html")
 
 
 @dataclass(frozen=True)
@@ -88,22 +99,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="round_NNN.safetensors or card")
     parser.add_argument("--data", required=True, type=Path, help="prepared cache or raw folder")
     parser.add_argument("--out", required=True, type=Path, help="folder for the three outputs")
-    parser.add_argument("--labels", type=Path, help="raw folder only: labels.csv")
-    parser.add_argument("--label-map", type=Path, help="raw folder only: TOML site label map")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="raw folder only: labels.csv (default: none, the labels the folder layout "
+        "gives, e.g. MosMedData's CT-k folders)",
+    )
+    parser.add_argument(
+        "--label-map",
+        type=Path,
+        help="raw folder only: TOML site label map (default: fedct's built-in map)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="auto", help="raw folder only")
     parser.add_argument("--splits", help="cache splits to report, e.g. test (default: all)")
     parser.add_argument(
-        "--tune-data", type=Path, help="cache to choose the operating point on (its tune split)"
+        "--tune-data",
+        type=Path,
+        help="cache to choose the operating point on (its tune split) when the model card "
+        "stores none (default: none; then a fixed 0.5, marked as not tuned)",
     )
     parser.add_argument("--rule", choices=("sens_at_spec", "youden"), default="sens_at_spec")
     parser.add_argument("--min-specificity", type=float, default=0.95)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--slice-chunk", type=int, help="slices per forward pass (memory)")
+    parser.add_argument(
+        "--slice-chunk",
+        type=int,
+        help="slices per forward pass, a memory knob (default: the model card's)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cams", type=int, default=3, help="CAM overlays of correct/wrong scans")
     parser.add_argument("--workers", type=int, default=PrepareConfig().workers)
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier evaluation in --out"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +156,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.batch_size < 1 or args.n_boot < 1 or args.cams < 0:
         raise ValueError("--batch-size and --n-boot must be at least 1, --cams at least 0")
+    earlier = [name for name in OUTPUTS if (args.out / name).exists()]
+    if earlier and not args.force:
+        raise ValueError(
+            f"{args.out}: holds an earlier evaluation ({', '.join(earlier)}); give --force to "
+            "replace it, or another --out"
+        )
     loaded = load_checkpoint(args.model, slice_chunk=args.slice_chunk)
     device = pick_device(args.device)
     splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
@@ -138,6 +174,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         op, op_source = _operating_point(loaded, tuning, dataset, args, device, notes)
         loader = make_loader(dataset, args.batch_size)
         result = evaluate(loaded.model, loader, device, progress=True)
+        # Patients are resampled in the order of their pixels' digests, not of the salted
+        # pseudonyms: a raw folder and its prepared cache give the same intervals.
+        keys = patient_content_keys(data.cache_dir, dataset.rows)
+        boot_ids = [keys[p] for p in result.patient_ids]
         cams = _cam_figures(loaded.model, data.cache_dir, result, op, args.cams, notes)
         counts = _data_counts(data, dataset, splits)
     report = {
@@ -146,8 +186,11 @@ def _evaluate(args: argparse.Namespace) -> int:
             "checkpoint": loaded.weights_path.name,
             "sha256": loaded.sha256,
             "round": loaded.round,
+            "run": loaded.card.get("run"),
+            "software": loaded.card.get("software"),
             "model_config": asdict(loaded.config),
         },
+        "software": software_versions(),
         "data": {
             "name": args.data.resolve().name,
             "kind": data.kind,
@@ -157,9 +200,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         "operating_point_source": op_source,
         "loss": result.loss,
         **full_report(
-            result.labels, result.probs, result.patient_ids, op, n_boot=args.n_boot, seed=args.seed
+            result.labels, result.probs, boot_ids, op, n_boot=args.n_boot, seed=args.seed
         ),
-        "curves": _curves(result, args.n_boot, args.seed),
+        "curves": _curves(result, boot_ids, args.n_boot, args.seed),
+        "calibration": calibration_scores(result.labels, result.probs),
+        "by_severity": by_severity(dataset.rows, result, op),
+        "decisions_differ": decisions_differ(result, op),
         "notes": notes,
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 2),
@@ -198,9 +244,11 @@ def _cache_for(
         cached = read_settings(data) or {}
         differ = [k for k in settings if k not in missing and cached.get(k) != settings[k]]
         if differ:
-            notes.append(
-                f"{data.resolve().name} was prepared with {_settings_text(cached, differ)} but "
-                f"the model was trained with {_settings_text(settings, differ)}"
+            raise CacheError(
+                f"{data}: prepared with {_settings_text(cached, differ)}, but the model was "
+                f"trained on {_settings_text(settings, differ)}: it would be scored on other "
+                "pixels than it learned from. Give the raw folder as --data (evaluate prepares "
+                "it with the model's settings) or a cache prepared with them"
             )
         yield EvalData(data, "cache", {k: cached.get(k) for k in settings}, {})
         return
@@ -282,13 +330,14 @@ def _data_counts(data: EvalData, dataset: CacheDataset, splits: list[str] | None
     }
 
 
-def _curves(result: EvalResult, n_boot: int, seed: int) -> dict[str, Any]:
-    """The ROC curve with its bootstrap band (absent without both classes) and calibration."""
+def _curves(result: EvalResult, boot_ids: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    """The ROC curve with its bootstrap band (absent without both classes) and calibration;
+    ``boot_ids`` name each scan's patient for the bootstrap."""
     positive = result.labels == COVID_INDEX
     roc = None
     if positive.any() and not positive.all():
         fpr, tpr, thresholds = roc_curve_points(result.labels, result.probs)
-        band = roc_band(result.labels, result.probs, result.patient_ids, n_boot=n_boot, seed=seed)
+        band = roc_band(result.labels, result.probs, boot_ids, n_boot=n_boot, seed=seed)
         roc = {"fpr": fpr, "tpr": tpr, "thresholds": thresholds, "band": band}
     return {"roc": roc, "calibration": calibration_bins(result.labels, result.probs)}
 
@@ -347,21 +396,57 @@ def _cam_figures(
             caption = (
                 f"{scan_id}: {GLOBAL_CLASSES[result.labels[i]]}, p(COVID-19) {score[i]:.3f}, "
                 f"called {'COVID-19' if called[i] else 'not COVID-19'}; "
-                f"slice {best + 1} of {len(cam)}"
+                f"slice {best + 1} of {len(cam)} (selected slices), plain and with the CAM"
             )
+            plain = html.png_img(pixels[best], f"slice of scan {scan_id}")
             image = html.png_img(overlay(pixels[best], cam[best]), f"CAM of scan {scan_id}")
-            figures[kind].append(html.figure(image, caption))
+            figures[kind].append(html.figure(plain + image, caption))
     return figures
+
+
+def by_severity(
+    rows: list[dict[str, str]], result: EvalResult, op: OperatingPoint
+) -> list[dict[str, Any]]:
+    """Per MosMedData severity (the manifest's ``severity``, CT-0 to CT-4): scans, those called
+    COVID-19 at the operating point, and that share with its Wilson 95 % CI: the sensitivity
+    for CT-1..CT-4, one minus the specificity for CT-0.  Empty when no scan has a severity."""
+    severity_of = {row["scan_id"]: row.get("severity", "") for row in rows}
+    called = op.predict_covid(result.probs)
+    groups: dict[str, list[bool]] = {}
+    for scan_id, is_called in zip(result.scan_ids, called, strict=True):
+        if severity_of.get(scan_id):
+            groups.setdefault(severity_of[scan_id], []).append(bool(is_called))
+    out = []
+    for severity in sorted(groups):
+        calls = groups[severity]
+        low, high = wilson_interval(sum(calls), len(calls))
+        out.append(
+            {
+                "severity": severity,
+                "scans": len(calls),
+                "called_covid19": sum(calls),
+                "share_called": sum(calls) / len(calls),
+                "ci": [low, high],
+            }
+        )
+    return out
+
+
+def decisions_differ(result: EvalResult, op: OperatingPoint) -> int:
+    """Scans whose argmax class is COVID-19 but which the threshold does not call COVID-19,
+    or the other way round: why the 3 × 3 and the 2 × 2 confusion matrices disagree."""
+    argmax_covid = result.probs.argmax(axis=1) == COVID_INDEX
+    return int(np.sum(argmax_covid != op.predict_covid(result.probs)))
 
 
 def _print_summary(report: dict[str, Any], out: Path) -> None:
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     metrics = report["metrics"]
-    console.print(
+    stdout.print(
         f"{report['n_scans']} scans of {report['n_patients']} patients: "
         f"AUC {ci_text(metrics['auc_covid'])}, sensitivity {ci_text(metrics['sens_covid'])}, "
         f"specificity {ci_text(metrics['spec_covid'])} at threshold "
         f"{report['operating_point']['threshold']:.4g} ({report['operating_point_source']})"
     )
-    console.print(f"wrote predictions.csv, metrics.json and report.html to {out}")
+    stdout.print(f"wrote predictions.csv, metrics.json and report.html to {out}", highlight=False)

@@ -20,6 +20,7 @@ from flwr.common import log
 from client.dp import decline_without_dp, dp_enabled, train_site_private
 from client.fedbn import local_bn_path, restore_local_bn, save_local_bn
 from client.site_data import Site
+from common.bootstrap import auc_interval
 from common.cache import CacheDataset, make_loader
 from common.classes import GLOBAL_CLASSES
 from common.metrics import summarize
@@ -46,7 +47,7 @@ def model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceCla
     # The full state arrives from the coordinator; only a frozen backbone (not sent) must be
     # built from pretrained weights, which each site holds itself.
     weights = (site.pretrained_weights or cfg.pretrained_weights) if cfg.freeze_backbone else None
-    cfg = replace(cfg, pretrained_weights=str(weights) if weights else None)
+    cfg = replace(cfg, pretrained_weights=weights)
     torch.manual_seed(int(config["seed"]))
     model = build_model(cfg)
     layout = Layout.of(travelling_state(model, cfg))
@@ -130,24 +131,26 @@ def train_site(
 
 def _split_scores(
     model: SliceClassifier, site: Site, split: str, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """(labels, probabilities, loss) of the split; empty arrays and NaN for an empty split."""
+) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    """(labels, probabilities, loss, patient ids) of the split; empty arrays and NaN for an
+    empty split."""
     data = CacheDataset(site.cache_dir, [split])
     if len(data) == 0:
-        return np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))), math.nan
+        return np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))), math.nan, []
     result = evaluate(model, make_loader(data, batch_size), site.device)
-    return result.labels, result.probs, result.loss
+    return result.labels, result.probs, result.loss, result.patient_ids
 
 
 def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord:
     """Score the global model on the splits in ``config["splits"]`` (e.g. ``"tune,test"``).
 
-    Keys ``<split>-<metric>`` for loss, auc_covid, sens_covid, spec_covid, accuracy and n, the
-    same at every site (NaN where a site lacks a class or the split);  ``num-examples`` is
-    the number of scans scored.  When the config names a histogram size (``BINS_KEY``), the
-    tune split's scores are also summed into per-bin counts of COVID-19 and other scans for
-    the federated operating point (common/operating_point_hist.py): only counts leave the
-    site, never a scan's score; a site without a tune split sends zeros.
+    Keys ``<split>-<metric>`` for loss, auc_covid, sens_covid, spec_covid, accuracy and n, and
+    auc_covid_low / auc_covid_high (the AUC's patient-level bootstrap 95 % CI, 200
+    resamples), the same at every site (NaN where a site lacks a class or the split);
+    ``num-examples`` is the number of scans scored.  When the config names a histogram size
+    (``BINS_KEY``), the tune split's scores are also summed into per-bin counts of COVID-19
+    and other scans for the federated operating point (common/operating_point_hist.py): only
+    counts leave the site, never a scan's score; a site without a tune split sends zeros.
     """
     model = model_for(site, config, arrays)
     splits = [s.strip() for s in str(config["splits"]).split(",") if s.strip()]
@@ -155,8 +158,14 @@ def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> Metr
         splits.append("tune")
     metrics: dict[str, float | list[int]] = {}
     for split in splits:
-        labels, probs, loss = _split_scores(model, site, split, int(config["batch-size"]))
-        summary = {**summarize(labels, probs), "loss": loss}
+        labels, probs, loss, patients = _split_scores(model, site, split, int(config["batch-size"]))
+        low, high = auc_interval(labels, probs, patients) if patients else (math.nan, math.nan)
+        summary = {
+            **summarize(labels, probs),
+            "loss": loss,
+            "auc_covid_low": low,
+            "auc_covid_high": high,
+        }
         metrics.update({f"{split}-{key}": value for key, value in summary.items()})
         if split == "tune" and BINS_KEY in config:
             covid, other = score_histograms(labels, probs, int(config[BINS_KEY]))

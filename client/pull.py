@@ -4,9 +4,10 @@
 checking their size and sha256 against the model card; only a verified download is renamed
 to FILE, and the card is written beside it as ``NAME.card.json`` (``model.safetensors`` →
 ``model.card.json``, the run directory's convention, so ``fedct evaluate`` finds it).
-``--model REF --card`` prints the card; ``--list`` prints every checkpoint (run:round,
-bytes, sha256, best/latest).  REF is RUN:ROUND, RUN:best, RUN:latest or latest (the latest
-round of the newest run).
+``--model REF --card`` prints the card; ``--list`` prints every checkpoint with what an
+evaluator chooses by: run:round, when it was made, its tune AUC (the sites' pooled tune
+splits) and external AUC per set (from its card), best/latest, bytes and sha256.  REF is
+RUN:ROUND, RUN:best, RUN:latest or latest (the latest round of the newest run).
 Exit status: 0 done; 1 the registry refused, or the data failed verification; 2 bad input.
 """
 
@@ -150,12 +151,41 @@ def pull(stub: registry_pb2_grpc.ModelRegistryStub, ref: ModelRef, out: Path, to
     return Pulled(meta.run, meta.round, meta.size, meta.sha256, time.monotonic() - started)
 
 
+LIST_COLUMNS = ("model", "created", "tune AUC", "external AUC", "flags", "bytes", "sha256")
+
+
+def headline(card_json: str) -> tuple[str, str, str]:
+    """(created, tune AUC, external AUC per set) of a model card, "–" where it has none."""
+    try:
+        card = json.loads(card_json)
+    except json.JSONDecodeError:
+        card = {}
+    card = card if isinstance(card, dict) else {}
+    pooled = (card.get("federated_evaluation") or {}).get("aggregated") or {}
+    central = card.get("central_evaluation") or {}
+
+    def fmt(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) and value == value else "–"
+
+    external = ", ".join(
+        f"{key.removesuffix('-auc_covid')} {fmt(value)}"
+        for key, value in sorted(central.items())
+        if key.endswith("-auc_covid")
+    )
+    return str(card.get("created") or "–"), fmt(pooled.get("tune-auc_covid")), external or "–"
+
+
 def _print_list(stub: registry_pb2_grpc.ModelRegistryStub, token: str) -> None:
-    """One tab-separated line per checkpoint: run:round, bytes, sha256, best/latest."""
+    """A header and one tab-separated line per checkpoint (:data:`LIST_COLUMNS`); the
+    headline metrics come from each checkpoint's card."""
     listing = stub.ListModels(registry_pb2.ListModelsRequest(), metadata=_auth(token))
+    print("\t".join(LIST_COLUMNS))
     for model in listing.models:
+        ref = registry_pb2.ModelRef(ref=f"{model.run}:{model.round}")
+        card = stub.GetCard(ref, metadata=_auth(token))
         flags = [name for name, on in (("best", model.best), ("latest", model.latest)) if on]
-        print("\t".join([f"{model.run}:{model.round}", str(model.size), model.sha256, *flags]))
+        row = [f"{model.run}:{model.round}", *headline(card.card_json)]
+        print("\t".join([*row, ",".join(flags) or "–", str(model.size), model.sha256]))
 
 
 def _describe(exc: grpc.RpcError, registry: str, tls: bool) -> str:
@@ -173,15 +203,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file", required=True, type=Path, help="bearer token file (mode 600)"
     )
-    parser.add_argument("--ca", type=Path, help="CA certificate (PEM) to verify the registry by")
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        help="CA certificate (PEM) to verify the registry by (default: none; plaintext, "
+        "allowed to a loopback registry only)",
+    )
     parser.add_argument(
         "--insecure", action="store_true", help="allow plaintext to a non-loopback registry"
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="RUN:ROUND, RUN:best, RUN:latest or latest")
-    what.add_argument("--list", action="store_true", help="list every checkpoint")
+    what.add_argument(
+        "--list",
+        action="store_true",
+        help="list every checkpoint: run:round, date, tune and external AUC, best/latest",
+    )
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--out", type=Path, help="file to write the weights to (+ its .card.json)")
+    how.add_argument(
+        "--out",
+        type=Path,
+        help="file to write the weights to, and its .card.json beside it (default: none; "
+        "needed with --model unless --card)",
+    )
     how.add_argument("--card", action="store_true", help="print the model card only")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from flwr.app import UserConfig
 
 from common.cache import CacheError, check_run_settings
+from common.weights import weights_spec
 
 
 class SiteConfigError(ValueError):
@@ -30,7 +31,7 @@ class Site:
     cache_dir: Path
     device: str
     state_dir: Path
-    pretrained_weights: Path | None
+    pretrained_weights: str | None  # None, "imagenet" or an absolute path (common/weights.py)
     epsilon_budget: float | None = None  # the site's ε limit over all DP runs (docs/privacy.md)
 
 
@@ -94,6 +95,6 @@ def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
         cache_dir=cache,
         device=str(node_config.get("device") or run_config.get("device") or "auto"),
         state_dir=_optional_path(node_config.get("state-dir")) or cache / "fedct-state",
-        pretrained_weights=_optional_path(node_config.get("pretrained-weights")),
+        pretrained_weights=weights_spec(str(node_config.get("pretrained-weights") or "")),
         epsilon_budget=_epsilon_budget(node_config),
     )

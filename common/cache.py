@@ -31,7 +31,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.classes import GLOBAL_CLASSES
-from common.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 CACHE_VERSION = 1
 MANIFEST_RECORD = "manifest"  # cache.json: {"rows": N, "sha256": ...} of manifest.csv
@@ -193,15 +192,29 @@ def read_manifest(cache_dir: Path, *, verify: bool = True) -> list[dict[str, str
     return rows
 
 
+def patient_content_keys(cache_dir: Path, rows: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """Pseudonymous patient id → a name that depends only on the patient's cached pixels
+    (the smallest sha256 of their scans).  Two preparations of the same data — each with its
+    own salt — give every patient the same key, so what is ordered by it (the bootstrap's
+    patients) does not depend on the salt."""
+    keys: dict[str, str] = {}
+    for row in rows:
+        pixels = np.load(scan_path(cache_dir, row["scan_id"]), mmap_mode="r")
+        digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+        patient = row["patient_id"]
+        keys[patient] = min(keys.get(patient, digest), digest)
+    return keys
+
+
 class ScanItem(NamedTuple):
-    pixels: torch.Tensor  # (S, 3, H, W) float32, ImageNet-normalised
+    pixels: torch.Tensor  # (S, 1, H, W) float32 grey values in [0, 1]
     label: int
     scan_id: str
     patient_id: str
 
 
 class Batch(NamedTuple):
-    x: torch.Tensor  # (B, S_max, 3, H, W)
+    x: torch.Tensor  # (B, S_max, 1, H, W)
     mask: torch.Tensor  # (B, S_max) bool, True for real slices
     y: torch.Tensor  # (B,) long
     scan_ids: list[str]
@@ -209,11 +222,10 @@ class Batch(NamedTuple):
 
 
 def to_model_input(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (S, H, W) cache pixels → float32 (S, 3, H, W) ImageNet-normalised."""
+    """uint8 (S, H, W) cache pixels → float32 (S, 1, H, W) in [0, 1].  The model makes the
+    backbone's three normalised channels (``SliceClassifier.backbone_input``)."""
     grey = torch.from_numpy(np.array(pixels, dtype=np.uint8)).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (grey.unsqueeze(1) - mean) / std
+    return grey.unsqueeze(1)
 
 
 class CacheDataset(Dataset[ScanItem]):

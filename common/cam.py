@@ -17,14 +17,15 @@ from common.model import SliceClassifier
 
 
 def class_activation_maps(model: SliceClassifier, x: Tensor, class_index: int) -> np.ndarray:
-    """The CAM of one scan's slices ``x`` (S, 3, H, W) for ``class_index``: (S, H, W) in [0, 1].
+    """The CAM of one scan's grey slices ``x`` (S, 1, H, W) for ``class_index``: (S, H, W) in
+    [0, 1].
 
     Negative evidence is cut (ReLU), the maps are upsampled bilinearly to the slice size and
     divided by the scan's maximum, so slices of one scan compare; a scan without positive
     evidence gives zeros.
     """
-    if x.dim() != 4:
-        raise ValueError(f"expected one scan's slices (S, 3, H, W), got {tuple(x.shape)}")
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected one scan's grey slices (S, 1, H, W), got {tuple(x.shape)}")
     if not 0 <= class_index < model.head.out_features:
         raise ValueError(f"class_index {class_index} outside 0..{model.head.out_features - 1}")
     device = model.head.weight.device
@@ -55,6 +56,13 @@ def _jet(values: np.ndarray) -> np.ndarray:
     v = values[..., None] * 4.0
     centres = np.array([3.0, 2.0, 1.0])  # where red, green and blue peak
     return np.clip(1.5 - np.abs(v - centres), 0.0, 1.0)
+
+
+def colour_bar(width: int = 256, height: int = 12) -> np.ndarray:
+    """The overlay's colour scale as an RGB uint8 (height, width, 3) picture: CAM value 0
+    (no evidence) on the left to 1 (the scan's strongest evidence) on the right."""
+    row = _jet(np.linspace(0.0, 1.0, width)) * 255.0
+    return np.repeat(np.rint(row)[None].astype(np.uint8), height, axis=0)
 
 
 def overlay(slice_gray_uint8: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:

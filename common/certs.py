@@ -5,6 +5,7 @@ One folder (``--out``) holds the federation's key material::
     ca.crt, ca.key                      the CA (created when a certificate is first issued)
     superlink.crt, superlink.key        the SuperLink's certificate, SANs from --superlink-san
     registry.crt, registry.key          the model registry's certificate (--registry-san)
+    operators/NAME.crt, NAME.key        an operator's TLS client certificate (--operators)
     supernodes/SITE.key, SITE.pub       a hospital's SuperNode key pair (--sites)
     superexec.secret                    this host's SuperExec shared secret (--superexec-secret)
 
@@ -33,15 +34,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from rich.console import Console
 from rich.markup import escape
+
+from common.console import err, out
 
 CA_NAME = "fedct federation CA"
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DNS_NAME = re.compile(rf"(\*\.)?{DNS_LABEL}(\.{DNS_LABEL})*")
 
-console = Console(stderr=True)
+console = err
 
 
 class CertsError(ValueError):
@@ -128,14 +130,21 @@ def create_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, certificate
 
 
-def issue_server_certificate(
+def issue_certificate(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
     sans: list[str],
     days: int,
+    client: bool = False,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A TLS server key (P-256) and certificate for ``sans``, signed by the CA."""
-    alt_names = subject_alt_names(sans)
+    """A TLS key (P-256) and certificate signed by the CA: a server's for ``sans``, or with
+    ``client`` an operator's, usable only as a TLS client, named ``sans[0]``."""
+    if client:
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH
+        alt_names: list[x509.GeneralName] = [x509.DNSName(sans[0])]
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH
+        alt_names = subject_alt_names(sans)
     key = ec.generate_private_key(ec.SECP256R1())
     not_before, not_after = _validity(days)
     certificate = (
@@ -161,7 +170,7 @@ def issue_server_certificate(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
@@ -217,21 +226,24 @@ def plan(
     days: int,
     ca_days: int,
     superexec_secret: bool = False,
+    operators: list[str] | None = None,
 ) -> list[Material]:
     """Every file to write, in memory; nothing is written here."""
-    for site in sites:
-        if not SITE_NAME.fullmatch(site):
-            raise CertsError(
-                f"site {site!r}: use letters, digits, '.', '_' and '-' (not first), "
-                "at most 63 characters"
-            )
-    if len(set(sites)) != len(sites):
-        raise CertsError("--sites names a site twice")
+    operators = operators or []
+    for kind, names in (("site", sites), ("operator", operators)):
+        for name in names:
+            if not SITE_NAME.fullmatch(name):
+                raise CertsError(
+                    f"{kind} {name!r}: use letters, digits, '.', '_' and '-' (not first), "
+                    "at most 63 characters"
+                )
+        if len(set(names)) != len(names):
+            raise CertsError(f"--{kind}s names a {kind} twice")
     if days < 1 or ca_days < 1:
         raise CertsError("--days and --ca-days must be at least 1")
     materials: list[Material] = []
     certificates = {"superlink": superlink_sans, "registry": registry_sans}
-    if any(certificates.values()):
+    if any(certificates.values()) or operators:
         ca = load_ca(out)
         if ca is None:
             ca = create_ca(ca_days)
@@ -239,13 +251,14 @@ def plan(
                 Material(out / "ca.key", _private_pem(ca[0]), True),
                 Material(out / "ca.crt", _cert_pem(ca[1]), False),
             ]
-        for name, sans in certificates.items():
-            if sans:
-                key, certificate = issue_server_certificate(*ca, sans, days)
-                materials += [
-                    Material(out / f"{name}.key", _private_pem(key), True),
-                    Material(out / f"{name}.crt", _cert_pem(certificate), False),
-                ]
+        issued = [(name, sans, False) for name, sans in certificates.items() if sans]
+        issued += [(f"operators/{name}", [name], True) for name in operators]
+        for name, sans, client in issued:
+            key, certificate = issue_certificate(*ca, sans, days, client)
+            materials += [
+                Material(out / f"{name}.key", _private_pem(key), True),
+                Material(out / f"{name}.crt", _cert_pem(certificate), False),
+            ]
     for site in sites:
         private, public = supernode_key_pair(site)
         materials += [
@@ -293,6 +306,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated hospitals: one SuperNode key pair each, supernodes/NAME.key/.pub",
     )
     parser.add_argument(
+        "--operators",
+        default="",
+        metavar="NAMES",
+        help="comma-separated operators: a client certificate each, operators/NAME.crt/.key, "
+        "that the Control API proxy requires (deploy/README.md)",
+    )
+    parser.add_argument(
         "--superexec-secret",
         action="store_true",
         help="write superexec.secret, for --superexec-auth-secret-file on this host",
@@ -307,26 +327,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the requested material; 0 done, 2 refused (the reason is printed)."""
-    superlink, registry, sites = (
+    superlink, registry, sites, operators = (
         _names(args.superlink_san),
         _names(args.registry_san),
         _names(args.sites),
+        _names(args.operators),
     )
-    if not (superlink or registry or sites or args.superexec_secret):
+    if not (superlink or registry or sites or operators or args.superexec_secret):
         console.print(
-            "[red]error:[/red] give --superlink-san, --registry-san, --sites or --superexec-secret"
+            "[red]error:[/red] give --superlink-san, --registry-san, --sites, --operators or "
+            "--superexec-secret"
         )
         return 2
     try:
         materials = plan(
-            args.out, superlink, registry, sites, args.days, args.ca_days, args.superexec_secret
+            args.out,
+            superlink,
+            registry,
+            sites,
+            args.days,
+            args.ca_days,
+            args.superexec_secret,
+            operators,
         )
         write_all(materials)
     except (CertsError, OSError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     for material in materials:
-        console.print(
-            escape(f"wrote {material.path}" + (" (mode 600)" if material.private else ""))
-        )
+        out.print(escape(f"wrote {material.path}" + (" (mode 600)" if material.private else "")))
     return 0

@@ -102,13 +102,15 @@ def model_config_from_card(card: dict[str, Any], source: Path) -> ModelConfig:
     entries = card.get("model_config")
     if not isinstance(entries, dict):
         raise CheckpointLoadError(f"{source}: model card has no model_config object")
+    # Cards written before "imagenet" became a value of pretrained_weights have this flag.
+    entries = {k: v for k, v in entries.items() if k != "pretrained_from_hub"}
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown := sorted(set(entries) - known):
         raise CheckpointLoadError(
             f"{source}: model_config has fields this fedct does not know: {', '.join(unknown)}"
         )
     try:
-        return ModelConfig(**{**entries, "pretrained_weights": None, "pretrained_from_hub": False})
+        return ModelConfig(**entries).without_weights()
     except (TypeError, ValueError) as exc:
         raise CheckpointLoadError(f"{source}: invalid model_config ({exc})") from exc
 
@@ -152,6 +154,10 @@ def operating_point_from_card(card: dict[str, Any], source: Path) -> OperatingPo
 def load_checkpoint(path: Path, *, slice_chunk: int | None = None) -> LoadedModel:
     """The model of a checkpoint or card ``path``, its sha256 checked against the card.
 
+    For a card, the weights are the file the card names beside it (``round_NNN.safetensors``
+    in a run directory) or, failing that, the file named like the card (``X.card.json`` →
+    ``X.safetensors``, as ``fedct pull`` writes them).
+
     ``slice_chunk`` overrides the card's slices-per-forward (a memory knob that does not change
     the predictions).  Raises CheckpointLoadError naming the file for every problem.
     """
@@ -164,6 +170,9 @@ def load_checkpoint(path: Path, *, slice_chunk: int | None = None) -> LoadedMode
         if not isinstance(name, str) or not name:
             raise CheckpointLoadError(f"{card_path}: model card names no checkpoint file")
         weights_path = card_path.with_name(name)
+        beside = card_path.with_name(card_path.name.removesuffix(CARD_SUFFIX) + WEIGHTS_SUFFIX)
+        if not weights_path.exists() and beside.exists():
+            weights_path = beside  # a pulled model.card.json beside its model.safetensors
     try:
         blob = weights_path.read_bytes()
     except OSError as exc:

@@ -2,25 +2,28 @@
 
 Each entry point names a module with ``add_arguments(parser)`` and ``run(args) -> int`` and
 a module docstring whose first line is the help text.  Only the module of the command being
-run is imported, so ``common`` needs no import of ``client`` or ``server``.
+run is imported, so ``common`` needs no import of ``client`` or ``server``.  Every command
+takes ``--verbose`` (DEBUG logs, and Flower's and Ray's own output), and every option's help
+ends with its default.
 
 Every command exits 0 on success and non-zero otherwise, with the reason as its last line:
 commands answer the errors they expect themselves; anything else (a bug, an unexpected
-failure) ends here in one line with exit 1, and Ctrl-C with exit 130 (``FEDCT_TRACEBACK=1``
-shows the traceback instead).
+failure) ends here in one line with exit 1 (``--verbose`` shows the traceback instead), and
+Ctrl-C with exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from importlib import import_module
 from importlib.metadata import entry_points
 
+from common.console import configure_logging
+from common.provenance import software_versions
+
 DESCRIPTION = "fedct: federated COVID-19 chest-CT classification across hospitals"
-TRACEBACK_ENV = "FEDCT_TRACEBACK"
 
 
 def _summary(module: object, name: str) -> str:
@@ -34,32 +37,88 @@ def _commands() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group="fedct.commands")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends every option's help with its default, unless the help already says it or the
+    option has none to show (a flag, a required option, an option without a value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        silent = (
+            action.required
+            or not action.option_strings
+            or action.nargs == 0
+            or default is None
+            or default is argparse.SUPPRESS
+            or default == []
+            or "default" in text.lower()
+        )
+        return text if silent else f"{text} (default: %(default)s)"
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show DEBUG logs and Flower's and Ray's own output",
+    )
+    return common
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The ``fedct`` parser; only the command named in ``argv`` (or, without one, every
+    command) has its module imported and its options added."""
     commands = _commands()
-    parser = argparse.ArgumentParser(prog="fedct", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="fedct", description=DESCRIPTION, formatter_class=DefaultsHelpFormatter
+    )
+    versions = software_versions()
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fedct {versions.pop('fedct')} ("
+        + ", ".join(f"{name} {v}" for name, v in versions.items())
+        + ")",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in commands else None
+    common = _common_options()
     for name in sorted(commands):
         if chosen is None or name == chosen:
             module = import_module(commands[name])
             summary = _summary(module, name)
-            module.add_arguments(sub.add_parser(name, help=summary, description=summary))
+            module.add_arguments(
+                sub.add_parser(
+                    name,
+                    help=summary,
+                    description=summary,
+                    parents=[common],
+                    formatter_class=DefaultsHelpFormatter,
+                )
+            )
         else:
             sub.add_parser(name)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    configure_logging(args.verbose)
     try:
-        return import_module(commands[args.command]).run(args)
+        return import_module(_commands()[args.command]).run(args)
     except KeyboardInterrupt:
         print(f"fedct {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if os.environ.get(TRACEBACK_ENV):
+        if args.verbose:
             raise
         reason = " ".join(str(exc).split()) or "no message"
         print(
             f"fedct {args.command}: failed: {type(exc).__name__}: {reason} "
-            f"({TRACEBACK_ENV}=1 shows the traceback)",
+            "(--verbose shows the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -36,6 +36,8 @@ figure{display:inline-block;margin:.5em;vertical-align:top}
 figcaption{font-size:.85em;max-width:280px}
 figure img{width:256px;image-rendering:pixelated}svg text{font-size:11px;fill:#333}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em}
+details{margin:.4em 0}summary{cursor:pointer}
+tr.best td{font-weight:600;background:#eef6ee}.note{color:#555;font-size:.9em}
 """
 
 
@@ -78,6 +80,20 @@ def preformatted(text: str, summary: str) -> str:
     return f"<details><summary>{escape(summary)}</summary><pre>{escape(text)}</pre></details>"
 
 
+def details(summary: str, *parts: str, open_: bool = False) -> str:
+    """Collapsed HTML ``parts`` under a one-line ``summary`` (open with ``open_``)."""
+    flag = " open" if open_ else ""
+    return (
+        f"<details{flag}><summary>{escape(summary)}</summary>\n" + "\n".join(parts) + "</details>"
+    )
+
+
+def facts(rows: Iterable[Sequence[object]]) -> str:
+    """A two-column table of (name, value) rows, without a header row."""
+    body = "".join(f"<tr><th>{escape(str(name))}</th>{_cell(value)}</tr>\n" for name, value in rows)
+    return f"<table><tbody>\n{body}</tbody></table>"
+
+
 def _cell(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f'<td class="absent">{ABSENT}</td>'
@@ -90,10 +106,19 @@ def _cell(value: object) -> str:
     return f"<td>{escape(str(value))}</td>"
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A table; floats shown to 4 significant digits, None/NaN as a marked absent cell."""
+def table(
+    header: Sequence[str], rows: Iterable[Sequence[object]], *, marked: Iterable[int] = ()
+) -> str:
+    """A table; floats shown to 4 significant digits, None/NaN as a marked absent cell; the
+    rows whose index is in ``marked`` are highlighted."""
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>\n" for row in rows)
+    chosen = set(marked)
+    body = "".join(
+        ('<tr class="best">' if i in chosen else "<tr>")
+        + "".join(_cell(v) for v in row)
+        + "</tr>\n"
+        for i, row in enumerate(rows)
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
@@ -104,43 +129,49 @@ def heatmap_table(
     *,
     corner: str = "",
     digits: int = 3,
+    notes: Sequence[Sequence[str | None]] | None = None,
 ) -> str:
     """A matrix as a table whose cells are shaded from its smallest (light) to largest value.
 
     None or NaN cells are absent: hatched and shown as an em dash.  Values are shown with
-    ``digits`` decimals (0 for counts).
+    ``digits`` decimals (0 for counts); ``notes`` (same shape) adds a small second line to
+    a cell (e.g. its n and CI).
     """
     finite = [v for row in values for v in row if v is not None and math.isfinite(v)]
     top = max(finite, default=0.0)
     low = min(finite, default=0.0)
     head = f"<th>{escape(corner)}</th>" + "".join(f"<th>{escape(c)}</th>" for c in col_labels)
     lines = []
-    for label, row in zip(row_labels, values, strict=True):
+    for r, (label, row) in enumerate(zip(row_labels, values, strict=True)):
         cells = []
-        for value in row:
+        for c, value in enumerate(row):
             if value is None or not math.isfinite(value):
                 cells.append(f'<td class="absent" title="absent">{ABSENT}</td>')
                 continue
             share = (value - low) / (top - low) if top > low else 0.0
             shade = f"rgba(31,119,180,{0.08 + 0.72 * share:.2f})"
             ink = "#fff" if share > 0.6 else "#222"
+            note = notes[r][c] if notes is not None else None
+            small = f"<br><small>{escape(note)}</small>" if note else ""
             cells.append(
-                f'<td class="num" style="background:{shade};color:{ink}">{value:.{digits}f}</td>'
+                f'<td class="num" style="background:{shade};color:{ink}">'
+                f"{value:.{digits}f}{small}</td>"
             )
         lines.append(f"<tr><th>{escape(label)}</th>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(lines) + "</tbody></table>"
 
 
-def png_img(pixels: np.ndarray, alt: str, *, max_side: int = 256) -> str:
+def png_img(pixels: np.ndarray, alt: str, *, max_side: int = 256, style: str = "") -> str:
     """An ``<img>`` holding a grey (H, W) or RGB (H, W, 3) uint8 picture as an embedded PNG,
-    shrunk so that its longer side is at most ``max_side``."""
+    shrunk so that its longer side is at most ``max_side``; ``style``: its inline CSS."""
     image = Image.fromarray(np.ascontiguousarray(pixels))
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
+    css = f' style="{escape(style)}"' if style else ""
+    return f'<img alt="{escape(alt)}"{css} src="data:image/png;base64,{data}">'
 
 
 def figure(content: str, caption: str) -> str:
@@ -191,9 +222,13 @@ class _Plot:
     def py(self, y: float) -> float:
         return _TOP + (self.y1 - y) / (self.y1 - self.y0) * self.inner_h
 
-    def axes(self, x_label: str, y_label: str) -> None:
+    def axes(self, x_label: str, y_label: str, *, integer_x: bool = False) -> None:
         bottom, right = _TOP + self.inner_h, _LEFT + self.inner_w
-        for x in _ticks(self.x0, self.x1):
+        x_ticks = _ticks(self.x0, self.x1)
+        if integer_x:  # e.g. rounds: no tick between two rounds
+            step = max(1, round(x_ticks[1] - x_ticks[0]) if len(x_ticks) > 1 else 1)
+            x_ticks = list(range(math.ceil(self.x0), math.floor(self.x1) + 1, step))
+        for x in x_ticks:
             self.items.append(
                 f'<line x1="{self.px(x):.1f}" y1="{_TOP}" x2="{self.px(x):.1f}" y2="{bottom}" '
                 f'stroke="#eee"/><text x="{self.px(x):.1f}" y="{bottom + 15}" '
@@ -262,6 +297,27 @@ class _Plot:
     def diagonal(self) -> None:
         self.line([0.0, 1.0], [0.0, 1.0], "#999", stroke_dasharray="4 4")
 
+    def reference(self, *, y: float | None = None, x: float | None = None, label: str) -> None:
+        """A dashed horizontal line at ``y`` or vertical line at ``x``, labelled inside the
+        frame; nothing when it lies outside the plotted range."""
+        if y is not None and self.y0 <= y <= self.y1:
+            py = self.py(y)
+            self.items.append(
+                f'<line x1="{_LEFT}" y1="{py:.1f}" x2="{_LEFT + self.inner_w}" y2="{py:.1f}" '
+                f'stroke="#888" stroke-dasharray="5 4"/><text x="{_LEFT + self.inner_w - 4}" '
+                f'y="{py - 4:.1f}" text-anchor="end" style="fill:#666">{escape(label)}</text>'
+            )
+        if x is not None and self.x0 <= x <= self.x1:
+            px = self.px(x)
+            # The label goes on the side of the line with more room inside the frame.
+            anchor, dx = ("end", -4) if px > _LEFT + self.inner_w / 2 else ("start", 4)
+            self.items.append(
+                f'<line x1="{px:.1f}" y1="{_TOP}" x2="{px:.1f}" y2="{_TOP + self.inner_h}" '
+                f'stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="6 3"/>'
+                f'<text x="{px + dx:.1f}" y="{_TOP + 12}" text-anchor="{anchor}" '
+                f'style="fill:#2ca02c">{escape(label)}</text>'
+            )
+
     def legend(self, entries: Sequence[tuple[str, str]]) -> None:
         x = _LEFT + self.inner_w + 10
         for i, (name, colour) in enumerate(entries):
@@ -291,12 +347,24 @@ def line_chart(
     x_label: str,
     y_label: str,
     y_range: tuple[float, float] | None = None,
+    hline: tuple[float, str] | None = None,
+    vline: tuple[float, str] | None = None,
+    integer_x: bool = False,
 ) -> str:
-    """An SVG line chart of ``series`` (each with its optional band) and a legend."""
+    """An SVG line chart of ``series`` (each with its optional band) and a legend.
+
+    ``hline`` / ``vline``: (value, label) of a dashed reference line (e.g. chance at AUC 0.5,
+    the best round); ``integer_x``: ticks on whole numbers only (rounds)."""
     xs = [float(x) for s in series for x in s.x]
     ys = [v for s in series for v in (*s.y, *(s.low or ()), *(s.high or ()))]
+    if hline is not None:
+        ys = [*ys, hline[0]]
     plot = _Plot(_span(xs, pad=0.02), y_range or _span(ys))
-    plot.axes(x_label, y_label)
+    plot.axes(x_label, y_label, integer_x=integer_x)
+    if hline is not None:
+        plot.reference(y=hline[0], label=hline[1])
+    if vline is not None:
+        plot.reference(x=vline[0], label=vline[1])
     for i, s in enumerate(series):
         colour = PALETTE[i % len(PALETTE)]
         if s.low is not None and s.high is not None:

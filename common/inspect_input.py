@@ -1,7 +1,11 @@
 """``fedct inspect``: what fedct sees in a raw folder, as one JSON object, for site operators.
 
 Unlike the cache and QA report, this local diagnostic shows UIDs and source paths in clear:
-it is meant for the person at the site who has to find the files.
+it is meant for the person at the site who has to find the files.  Every file under the
+folder appears once: in a scan's ``files``, in a rejection's ``files`` (all of them, paths
+relative to the folder), or in ``ignored``; ``files`` counts them.  With ``--cache CACHE``
+(the cache prepared from this folder) each rejection and ignored file also carries the
+``qa_id`` that CACHE's qa.json and qa.html show for it.
 """
 
 from __future__ import annotations
@@ -14,29 +18,66 @@ from typing import Any
 
 import numpy as np
 
-from common.ingest.base import Rejection, ScanLoadError
+from common.ingest.base import Ignored, Rejection, ScanLoadError
 from common.ingest.discover import FORMATS, read_input
+from common.pseudonym import SALT_FILE
+from common.qa import input_id
 from common.selection import middle_slices
 
 
+def _site_salt(cache: Path) -> bytes:
+    """The salt of a prepared cache (read only: inspect never creates one)."""
+    path = Path(cache) / SALT_FILE
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: cannot read the cache's salt ({exc}); is {cache} a cache?"
+        ) from exc
+
+
 def inspect_input(
-    root: Path, *, fmt: str = "auto", fraction: float = 0.5, dump_hu: Path | None = None
+    root: Path,
+    *,
+    fmt: str = "auto",
+    fraction: float = 0.5,
+    dump_hu: Path | None = None,
+    cache: Path | None = None,
 ) -> dict[str, Any]:
-    """``{"scans": [...], "rejected": [...]}`` for ``root``; HU volumes to ``dump_hu``."""
+    """``{"scans", "rejected", "ignored", "files"}`` for ``root``; HU volumes to ``dump_hu``;
+    QA ids from the salt of ``cache``."""
+    salt = _site_salt(cache) if cache is not None else None
     scans: list[dict[str, Any]] = []
-    rejected: list[dict[str, str]] = []
+    rejected: list[dict[str, Any]] = []
+    ignored: list[dict[str, str]] = []
+
+    def reject(item: Rejection) -> None:
+        entry: dict[str, Any] = {
+            "path": item.path,
+            "reason": item.reason,
+            "detail": item.detail,
+            "files": list(item.files),
+        }
+        if salt is not None:
+            entry["qa_id"] = input_id(salt, "rejection", item.reason, item.path)
+        rejected.append(entry)
+
     for item in read_input(Path(root), fmt):
+        if isinstance(item, Ignored):
+            entry = {"path": item.path, "what": item.what}
+            if salt is not None:
+                entry["qa_id"] = input_id(salt, "ignored", item.path)
+            ignored.append(entry)
+            continue
         if isinstance(item, Rejection):
-            rejected.append({"path": item.path, "reason": item.reason, "detail": item.detail})
+            reject(item)
             continue
         if dump_hu is not None:
             try:
                 volume = item.load(0, item.n_slices).astype(np.float32)
             except ScanLoadError as exc:
-                rejection = exc.rejection
-                rejected.append(
-                    {"path": rejection.path, "reason": rejection.reason, "detail": rejection.detail}
-                )
+                failed = exc.rejection
+                reject(Rejection(failed.path, failed.reason, failed.detail, item.files))
                 continue
             dump_hu.mkdir(parents=True, exist_ok=True)
             np.save(dump_hu / f"{Path(item.series_key).name}.npy", volume)
@@ -51,9 +92,22 @@ def inspect_input(
                 "sop_instance_uids": list(item.instance_uids),
                 "selected": list(middle_slices(item.n_slices, fraction)),
                 "warnings": list(item.warnings),
+                "files": list(item.files),
             }
         )
-    return {"scans": scans, "rejected": rejected}
+    in_scans = sum(len(s["files"]) for s in scans)
+    in_rejections = sum(len(r["files"]) for r in rejected)
+    return {
+        "scans": scans,
+        "rejected": rejected,
+        "ignored": ignored,
+        "files": {
+            "read": in_scans + in_rejections + len(ignored),
+            "in_scans": in_scans,
+            "rejected": in_rejections,
+            "ignored": len(ignored),
+        },
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,13 +115,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
     parser.add_argument("--format", choices=FORMATS, default="auto")
     parser.add_argument("--fraction", type=float, default=0.5)
-    parser.add_argument("--dump-hu", type=Path, help="write <series_uid>.npy HU volumes here")
+    parser.add_argument(
+        "--dump-hu",
+        type=Path,
+        help="write <series_uid>.npy HU volumes here (default: none written)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="the cache prepared from this folder: adds the ids its qa.json and qa.html show "
+        "(default: none, no ids)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         report = inspect_input(
-            args.path, fmt=args.format, fraction=args.fraction, dump_hu=args.dump_hu
+            args.path,
+            fmt=args.format,
+            fraction=args.fraction,
+            dump_hu=args.dump_hu,
+            cache=args.cache,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

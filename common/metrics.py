@@ -9,6 +9,8 @@ Definitions follow scikit-learn; tests/test_metrics.py checks that they agree.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import roc_curve
 
@@ -187,3 +189,32 @@ def calibration_bins(
             np.bincount(bin_of, weights=labels == COVID_INDEX, minlength=n_bins), count
         ),
     }
+
+
+def calibration_scores(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict[str, float]:
+    """``ece``: the expected calibration error of p(COVID-19) over the bins of
+    :func:`calibration_bins` (|fraction COVID-19 − mean predicted| weighted by each bin's
+    share of scans); ``brier``: the mean squared error of p(COVID-19) against COVID-19 vs
+    rest.  NaN for no scans."""
+    labels, probs = check_inputs(labels, probs)
+    if labels.size == 0:
+        return {"ece": float("nan"), "brier": float("nan")}
+    bins = calibration_bins(labels, probs, n_bins)
+    filled = bins["count"] > 0
+    gaps = np.abs(bins["fraction_covid"][filled] - bins["mean_predicted"][filled])
+    ece = float(np.sum(gaps * bins["count"][filled]) / labels.size)
+    brier = float(np.mean((probs[:, COVID_INDEX] - (labels == COVID_INDEX)) ** 2))
+    return {"ece": ece, "brier": brier}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95 % interval of a proportion (NaN for no trials): unlike a
+    bootstrap, it has width even at 0 of n or n of n."""
+    if trials <= 0:
+        return float("nan"), float("nan")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = (
+        z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    )
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -8,32 +8,25 @@ Besides the model, this module decides what travels between a hospital and the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import timm
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from timm.layers import BatchNormAct2d, GroupNormAct
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from common.classes import GLOBAL_CLASSES
+from common.weights import create_backbone, input_normalisation, preview_keys
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 MAX_GROUPS = 32
 MIN_GROUP_SIZE = 8
 HEAD_PREFIX = "head."
-
-
-class WeightsError(ValueError):
-    """A pretrained-weights file cannot be read or does not fit the backbone."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +37,8 @@ class ModelConfig:
     num_classes: int = len(GLOBAL_CLASSES)
     pool: Literal["mean", "max"] = "mean"
     freeze_backbone: bool = False
-    pretrained_weights: str | None = None
-    pretrained_from_hub: bool = False
+    freeze_bn: bool = False
+    pretrained_weights: str | None = None  # None, "imagenet" or a file (common/weights.py)
     norm: Literal["batch", "group"] = "batch"
     slice_chunk: int = 16
     channels_last: bool = True
@@ -62,45 +55,87 @@ class ModelConfig:
             raise ValueError(f"slice_chunk must be at least 1, got {self.slice_chunk}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.pretrained_weights is not None and self.pretrained_from_hub:
-            raise ValueError("give either pretrained_weights or pretrained_from_hub, not both")
+        if self.freeze_bn and self.norm != "batch":
+            raise ValueError("freeze_bn applies to BatchNorm; it needs norm 'batch'")
+
+    @property
+    def batchnorm_frozen_or_absent(self) -> bool:
+        """Whether no BatchNorm normalises by batch statistics in training (GroupNorm, frozen
+        BatchNorm or a frozen backbone): what patient-level DP needs."""
+        return self.norm == "group" or self.freeze_bn or self.freeze_backbone
+
+    def without_weights(self) -> ModelConfig:
+        """The same model with nothing to load: for rebuilding a model whose every weight is
+        about to be filled from a checkpoint or the coordinator."""
+        return dataclasses.replace(self, pretrained_weights=None)
 
 
 class SliceClassifier(nn.Module):
-    """Scores a batch of scans ``x`` (B, S, 3, H, W) whose real slices are marked by ``mask``."""
+    """Scores a batch of scans ``x`` (B, S, 1, H, W) of grey values in [0, 1] whose real
+    slices are marked by ``mask``.
+
+    The grey slice becomes the three channels the backbone expects, normalised by the mean and
+    standard deviation its pretrained weights were trained with (ImageNet's for most timm
+    models, 0.5 and 0.5 for the TF EfficientNet-Lite ports): the model, not the data, knows them.
+    """
 
     def __init__(self, backbone: nn.Module, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
+        mean, std = input_normalisation(backbone)
+        # Not persistent: fixed by the backbone, so neither checkpointed nor sent.
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(backbone.num_features, cfg.num_classes)
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
+        for norm in self._frozen_norms():
+            norm.requires_grad_(False)
+
+    def _frozen_norms(self) -> list[nn.Module]:
+        """The backbone's BatchNorms when ``freeze_bn``: each a fixed per-channel affine map
+        (pretrained statistics, scale and shift), so no scan's normalisation depends on the
+        others in its batch — what small hospital batches and patient-level DP need."""
+        if not self.cfg.freeze_bn:
+            return []
+        return [m for m in self.backbone.modules() if isinstance(m, BATCH_NORMS)]
 
     def train(self, mode: bool = True) -> SliceClassifier:
         super().train(mode)
         if self.cfg.freeze_backbone:
             # A frozen backbone keeps its BatchNorm statistics, which train mode would update.
             self.backbone.eval()
+        for norm in self._frozen_norms():
+            norm.eval()
         return self
 
+    def backbone_input(self, slices: Tensor) -> Tensor:
+        """(N, 1, H, W) grey slices in [0, 1] → the (N, 3, H, W) input of the backbone."""
+        return (slices - self.input_mean) / self.input_std
+
     def run_chunked(self, fn: Callable[[Tensor], Tensor], slices: Tensor) -> Tensor:
-        """``fn`` applied to (N, 3, H, W) slices at most ``slice_chunk`` at a time, concatenated.
+        """``fn`` applied to the backbone input of (N, 1, H, W) grey slices, at most
+        ``slice_chunk`` slices at a time, concatenated.
 
         Chunks are of near-equal size, so BatchNorm in training never sees a lone remainder
         slice.  When gradients flow through several chunks, each chunk is checkpointed: only one
         chunk's activations are alive at a time, at the cost of recomputing them in backward.
         """
         layout = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
+        def step(chunk: Tensor) -> Tensor:
+            return fn(self.backbone_input(chunk).contiguous(memory_format=layout))
+
         n_chunks = max(1, math.ceil(len(slices) / self.cfg.slice_chunk))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
-            chunks = [c.contiguous(memory_format=layout) for c in slices.tensor_split(n_chunks)]
+            chunks = slices.tensor_split(n_chunks)
             if not (torch.is_grad_enabled() and n_chunks > 1):
-                return torch.cat([fn(chunk) for chunk in chunks])
+                return torch.cat([step(chunk) for chunk in chunks])
             return torch.cat(
                 [
-                    checkpoint(fn, c, use_reentrant=False, context_fn=self._checkpoint_contexts)
+                    checkpoint(step, c, use_reentrant=False, context_fn=self._checkpoint_contexts)
                     for c in chunks
                 ]
             )
@@ -150,9 +185,9 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
 
 
 def _check_batch(x: Tensor, mask: Tensor) -> None:
-    if x.dim() != 5 or mask.shape != x.shape[:2] or mask.dtype != torch.bool:
+    if x.dim() != 5 or x.shape[2] != 1 or mask.shape != x.shape[:2] or mask.dtype != torch.bool:
         raise ValueError(
-            f"expected x (B, S, C, H, W) and a bool mask (B, S); got x {tuple(x.shape)} "
+            f"expected x (B, S, 1, H, W) and a bool mask (B, S); got x {tuple(x.shape)} "
             f"and mask {tuple(mask.shape)} {mask.dtype}"
         )
     if not bool(mask.any(dim=1).all()):
@@ -160,95 +195,15 @@ def _check_batch(x: Tensor, mask: Tensor) -> None:
 
 
 def build_model(cfg: ModelConfig) -> SliceClassifier:
-    """The classifier of ``cfg``, with local pretrained weights loaded into its backbone."""
-    backbone = timm.create_model(cfg.backbone, pretrained=cfg.pretrained_from_hub, num_classes=0)
-    if cfg.pretrained_weights is not None:
-        load_backbone_weights(backbone, Path(cfg.pretrained_weights))
+    """The classifier of ``cfg``, its backbone starting from ``cfg.pretrained_weights``
+    (common/weights.py; :class:`WeightsError` if they cannot be had)."""
+    backbone = create_backbone(cfg.backbone, cfg.pretrained_weights, num_classes=0)
     if cfg.norm == "group":
         backbone = _to_group_norm(backbone)
     model = SliceClassifier(backbone, cfg)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
-    """Load a .safetensors/.pth/.pt file into ``backbone``.
-
-    The file may hold the timm model (its classifier is ignored) or a whole
-    :class:`SliceClassifier` (``backbone.`` prefix stripped, ``head.`` ignored).  Every backbone
-    entry must be present with its shape; anything else is an error naming the file.
-    """
-    entries = _read_weights(path)
-    wanted = backbone.state_dict()
-    if any(key.startswith("backbone.") for key in entries):
-        entries = {
-            k.removeprefix("backbone."): v
-            for k, v in entries.items()
-            if not k.startswith(HEAD_PREFIX)
-        }
-    else:
-        classifiers = _classifier_prefixes(backbone)
-        entries = {k: v for k, v in entries.items() if not k.startswith(classifiers)}
-    missing = sorted(set(wanted) - set(entries))
-    unexpected = sorted(set(entries) - set(wanted))
-    mismatched = sorted(
-        f"{key} {tuple(entries[key].shape)} vs {tuple(wanted[key].shape)}"
-        for key in set(wanted) & set(entries)
-        if entries[key].shape != wanted[key].shape
-    )
-    problems = [
-        f"{label}: {_preview(keys)}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        )
-        if keys
-    ]
-    if problems:
-        raise WeightsError(
-            f"{path}: weights do not fit backbone {type(backbone).__name__} ({'; '.join(problems)})"
-        )
-    backbone.load_state_dict(entries, strict=True)
-
-
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pth", ".pt"):
-        raise WeightsError(f"{path}: unsupported weights format; use .safetensors, .pth or .pt")
-    try:
-        if suffix == ".safetensors":
-            loaded = load_file(str(path), device="cpu")
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        OSError,
-        EOFError,
-        SafetensorError,
-        RuntimeError,
-        ValueError,
-        pickle.UnpicklingError,
-    ) as exc:
-        raise WeightsError(f"{path}: cannot read weights ({exc})") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise WeightsError(f"{path}: not a state dict of tensors")
-    return loaded
-
-
-def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
-    """Key prefixes of the timm model's classifier, which the headless backbone does not have."""
-    classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier") or ()
-    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    return tuple(f"{name}." for name in names)
-
-
-def _preview(keys: list[str], limit: int = 5) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _to_group_norm(module: nn.Module) -> nn.Module:
@@ -322,8 +277,9 @@ def load_travelling_state(
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise KeyError(
-            f"travelling state does not match the model: missing {_preview(missing) or 'none'}; "
-            f"unexpected {_preview(unexpected) or 'none'}"
+            "travelling state does not match the model: "
+            f"missing {preview_keys(missing) or 'none'}; "
+            f"unexpected {preview_keys(unexpected) or 'none'}"
         )
     with torch.no_grad():
         for key in expected:

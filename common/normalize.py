@@ -1,8 +1,9 @@
 """Slice intensity normalisation and resizing, from HU (or display values) to cache pixels.
 
 The cache stores each selected slice as uint8 after normalisation to [0, 1] and resizing;
-ImageNet mean/std and the three identical channels are applied when a slice is loaded
-(:mod:`common.cache`), which keeps the cache four times smaller than float32 RGB.
+the model turns a grey slice into the three channels its backbone expects, with the mean and
+standard deviation of the backbone's pretrained weights (``SliceClassifier.backbone_input``),
+which keeps the cache twelve times smaller than float32 RGB.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LUNG_WINDOW = (-300.0, 1400.0)  # WL, WW: HU -1000..400
 CLIP_PERCENTILE = 99.5
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from common.cache import (
@@ -34,17 +34,18 @@ from common.cache import (
     write_settings,
 )
 from common.classes import GLOBAL_CLASSES, LabelMapError, load_label_map, to_global
-from common.ingest.base import Rejection, Scan, ScanLoadError
-from common.ingest.discover import FORMATS, read_input
+from common.console import err, out
+from common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
+from common.ingest.discover import FORMATS, LABELS_FILE, read_input
 from common.labels import LabelsError, LabelTable
 from common.normalize import parse_normalization, to_cache_pixels
 from common.pseudonym import load_or_create_salt, pseudonym
-from common.qa import build_qa, print_summary, write_qa
+from common.qa import QACollector, plural, print_summary, scan_hu_counts
 from common.scan_index import ScanIndex, ScanRecord
 from common.selection import middle_slices
 from common.splits import assign_splits, parse_fractions
 
-console = Console(stderr=True, soft_wrap=True)  # one message, one line
+console = err
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class PrepareResult:
     rejections: list[Rejection]
     reused: int
     seconds: float
+    ignored: list[Ignored] = field(default_factory=list)  # files that are not inputs
     regenerated: int = 0  # reused scans whose file was damaged, prepared again
 
 
@@ -92,10 +94,11 @@ def _convert(index: int) -> tuple[dict[str, Any], ScanRecord] | Rejection:
     try:
         hu = scan.load(start, stop)
         pixels = to_cache_pixels(hu, _JOB["norm"], scan.intensity, _JOB["size"])
-    except ScanLoadError as exc:
-        return exc.rejection
+    except ScanLoadError as exc:  # the whole scan is rejected: all its files
+        failed = exc.rejection
+        return Rejection(failed.path, failed.reason, failed.detail, scan.files)
     blob = write_scan(_JOB["cache"], row["scan_id"], pixels)
-    return row, ScanRecord.of_blob(row["scan_id"], blob)
+    return {**row, **scan_hu_counts(scan, hu)}, ScanRecord.of_blob(row["scan_id"], blob)
 
 
 def _row_for(
@@ -121,11 +124,6 @@ def _row_for(
         "severity": scan.extra.get("severity", ""),
         "warnings": ";".join(scan.warnings),
     }
-
-
-def _is_file(path: Path, other: Path | None) -> bool:
-    """Whether ``path`` is ``other`` (the labels file kept inside the input folder)."""
-    return other is not None and path.exists() and path.resolve() == Path(other).resolve()
 
 
 def _fmt(value: float | None) -> str:
@@ -167,26 +165,33 @@ def prepare(
     rejections: list[Rejection] = []
     pending: list[tuple[Scan, dict[str, Any]]] = []
     rows: dict[str, dict[str, Any]] = dict(existing)
+    # Pseudonym -> raw patient ID, in memory only: the split follows the data, not the salt.
+    split_keys: dict[str, str] = {}
     reused = 0
-    for item in read_input(Path(input_dir), cfg.format, progress=progress):
+    collected = QACollector()
+    for item in read_input(Path(input_dir), cfg.format, progress=progress, labels=labels):
+        if isinstance(item, Ignored):
+            collected.ignored.append(item)
+            continue
         if isinstance(item, Rejection):
-            if not _is_file(Path(input_dir) / item.path, labels):
-                rejections.append(item)
+            rejections.append(item)
             continue
         label = table.label_of(item) if table else item.label
         global_class = to_global(label, mapping) if label else None
         if table is not None and label is None:
-            rejections.append(Rejection(item.source, "missing-label"))
+            rejections.append(item.rejected("missing-label"))
             continue
         if label is not None and global_class is None:
-            rejections.append(Rejection(item.source, "unknown-label", f"label {label!r}"))
+            rejections.append(item.rejected("unknown-label", f"label {label!r}"))
             continue
         if item.n_slices < cfg.min_slices:
             rejections.append(
-                Rejection(item.source, "too-few-slices", f"{item.n_slices} < {cfg.min_slices}")
+                item.rejected("too-few-slices", f"{item.n_slices} < {cfg.min_slices}")
             )
             continue
         row = _row_for(item, label, global_class, salt, cfg)
+        split_keys[row["patient_id"]] = item.patient_key
+        collected.add_scan(item, row)
         problem = index.problem(row["scan_id"])
         if problem is None:
             index.adopt(row["scan_id"])
@@ -198,7 +203,8 @@ def prepare(
     if damaged:
         console.print(
             f"[yellow]warning:[/yellow] {damaged} cached scans are damaged (truncated, or "
-            "another checksum than when written): preparing them again"
+            "another checksum than when written): preparing them again",
+            highlight=False,
         )
 
     _PENDING[:] = pending
@@ -211,7 +217,7 @@ def prepare(
             else:
                 row, record = result
                 index.append(record)
-                rows[row["scan_id"]] = row
+                rows[row["scan_id"]] = collected.add_converted(row)
             done += 1
     except KeyboardInterrupt:
         raise PrepareInterrupted(done, len(pending)) from None
@@ -221,7 +227,7 @@ def prepare(
 
     ordered = sorted(rows.values(), key=lambda r: r["scan_id"])
     splits = assign_splits(
-        [r["patient_id"] for r in ordered],
+        [split_keys.get(r["patient_id"], r["patient_id"]) for r in ordered],
         [int(r["class_index"]) for r in ordered],
         cfg.splits,
         cfg.seed,
@@ -231,8 +237,8 @@ def prepare(
     write_manifest(cache_dir, ordered)
     index.compact({row["scan_id"] for row in ordered})
     seconds = time.perf_counter() - began
-    write_qa(cache_dir, build_qa(ordered, rejections, salt, cfg, seconds))
-    return PrepareResult(ordered, rejections, reused, seconds, damaged)
+    collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
+    return PrepareResult(ordered, rejections, reused, seconds, collected.ignored, damaged)
 
 
 def _existing_rows(cache_dir: Path) -> dict[str, dict[str, str]]:
@@ -279,8 +285,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PrepareConfig()
     parser.add_argument("--input", required=True, type=Path, help="raw folder of one site")
     parser.add_argument("--out", required=True, type=Path, help="cache folder to create/extend")
-    parser.add_argument("--labels", type=Path, help="labels.csv (label + series_uid/study_uid/…)")
-    parser.add_argument("--label-map", type=Path, help="TOML: site label = global class")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="labels.csv: a label column and series_uid, study_uid, path or patient_id "
+        "(default: none; only the labels the folder layout gives, else every scan unlabelled)",
+    )
+    parser.add_argument(
+        "--label-map",
+        type=Path,
+        help="TOML: site label = global class (default: fedct's built-in map)",
+    )
     parser.add_argument("--format", choices=FORMATS, default=defaults.format)
     parser.add_argument("--size", type=int, default=defaults.size, help="slice size in pixels")
     parser.add_argument("--fraction", type=float, default=defaults.fraction)
@@ -305,6 +320,28 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     )
 
 
+def warn_unlabelled(rows: list[dict[str, Any]], input_dir: Path) -> None:
+    """Say on stderr, loudly, that scans without a label cannot be trained on, and how to
+    give labels (prepare was run without --labels)."""
+    unlabelled = sum(int(row["class_index"]) < 0 for row in rows)
+    if not unlabelled:
+        return
+    share = "all" if unlabelled == len(rows) else f"{unlabelled} of {len(rows)}"
+    lines = [
+        f"[bold yellow]warning:[/bold yellow] no --labels was given and the folder layout "
+        f"gives no label for {share} scans: they are unlabelled, and unlabelled scans are "
+        "never trained on (only scored).",
+        "  Give the labels as a CSV with a label column and one of series_uid, study_uid, "
+        "path or patient_id (docs/ingestion.md):",
+        f"  fedct prepare --input {escape(str(input_dir))} --out CACHE --labels labels.csv",
+    ]
+    if (input_dir / LABELS_FILE).is_file():
+        found = escape(str(input_dir / LABELS_FILE))
+        lines.append(f"  {found} exists: pass --labels {found}")
+    for line in lines:
+        err.print(line, highlight=False)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
@@ -315,19 +352,26 @@ def run(args: argparse.Namespace) -> int:
     except PrepareInterrupted as stop:
         console.print(
             f"interrupted: {stop.done} of {stop.pending} scans to convert were finished and are "
-            f"kept in {args.out}; run the same command again to resume"
+            f"kept in {args.out}; run the same command again to resume",
+            highlight=False,
         )
         return 130
     except KeyboardInterrupt:
         console.print("interrupted before any scan was converted; run the same command again")
         return 130
-    print_summary(args.out, console)
+    print_summary(args.out, out)
     usable = len(result.rows)
+    files = sum(len(r.files) for r in result.rejections)
     again = f", {result.regenerated} damaged ones prepared again" if result.regenerated else ""
-    console.print(
-        f"prepared {usable} scans ({result.reused} reused{again}), rejected "
-        f"{len(result.rejections)} inputs in {result.seconds:.1f} s → {args.out}"
+    out.print(
+        f"prepared {plural(usable, 'scan')} ({result.reused} reused{again}), rejected "
+        f"{plural(len(result.rejections), 'input')} ({plural(files, 'file')}), ignored "
+        f"{plural(len(result.ignored), 'file')} in {result.seconds:.1f} s → {args.out}; "
+        f"details in {Path(args.out) / 'qa.html'}",
+        highlight=False,
     )
+    if args.labels is None:
+        warn_unlabelled(result.rows, Path(args.input))
     if usable == 0 or (args.strict and result.rejections):
         return 1
     return 0

@@ -17,8 +17,9 @@ would overstate the protection.  A step
 Per-sample-gradient engines (opacus' GradSampleModule, torch.func) work per *input*, here per
 slice: they would hold one gradient per slice and need reshaping to patients, while this
 loop holds two extra copies of the trainable weights whatever the batch.  It needs a model
-without BatchNorm (which mixes samples and keeps un-noised running statistics): ``norm =
-"group"``.  The loss is unweighted, since "balanced" class weights are computed from the
+whose normalisation neither mixes samples nor keeps un-noised running statistics: GroupNorm
+(``norm = "group"``) or frozen BatchNorm (``freeze-bn``: the pretrained statistics, scale and
+shift, fixed).  The loss is unweighted, since "balanced" class weights are computed from the
 site's counts and would make every patient's gradient depend on the others.
 
 Sampling and noise draw from the operating system's entropy, never from the run's seed, which
@@ -34,20 +35,23 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizer
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from common.cache import ScanItem, pad_collate
+from common.console import import_quietly
 from common.device import autocast_context, autocast_dtype, pick_device
 from common.model import SliceClassifier, bn_state_keys
 from common.privacy_accounting import check_accountant, noise_for_target
 from common.training import TrainConfig, TrainResult, make_optimizer, proximal_anchor
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 _LOG = logging.getLogger(__name__)
 
@@ -170,12 +174,13 @@ def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]
 
 
 def check_private_training(model: SliceClassifier, cfg: TrainConfig) -> None:
-    """PrivacyError unless ``model`` and ``cfg`` suit per-patient DP: no BatchNorm, no class
-    weighting."""
-    if bn_state_keys(model):
+    """PrivacyError unless ``model`` and ``cfg`` suit per-patient DP: no training BatchNorm,
+    no class weighting."""
+    if bn_state_keys(model) and not model.cfg.batchnorm_frozen_or_absent:
         raise PrivacyError(
-            "patient-level DP needs a model without BatchNorm, which mixes patients in a batch "
-            'and keeps un-noised statistics: set norm = "group"'
+            "patient-level DP needs a model without training BatchNorm, which mixes patients "
+            'in a batch and keeps un-noised statistics: set norm = "group", freeze-bn = true '
+            "or freeze-backbone = true"
         )
     if cfg.class_weighting != "none":
         raise PrivacyError(
@@ -187,8 +192,11 @@ def check_private_training(model: SliceClassifier, cfg: TrainConfig) -> None:
 def make_dp_optimizer(
     params: list[Tensor], cfg: TrainConfig, plan: DPPlan, noise: torch.Generator
 ) -> DPOptimizer:
-    """opacus' DPOptimizer around the AdamW/SGD of ``cfg``, clipping at ``plan.max_grad_norm``."""
-    return DPOptimizer(
+    """opacus' DPOptimizer around the AdamW/SGD of ``cfg``, clipping at ``plan.max_grad_norm``.
+
+    opacus is imported here, when DP is on, and kept from configuring the root logger."""
+    optimizers = import_quietly("opacus.optimizers")
+    return optimizers.DPOptimizer(
         make_optimizer(params, cfg),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,

@@ -4,7 +4,8 @@ A :class:`PrivacyLedger` is an accountant's history: ``(noise multiplier σ, sam
 steps)`` entries in the order they were spent, merged as opacus merges them.  It is plain
 data, so a site can keep it in a JSON file between rounds (the ClientApp is re-created every
 round) and any accountant can analyse it: the same history fed to opacus' ``RDPAccountant``
-or ``PRVAccountant`` gives the same ε.
+or ``PRVAccountant`` gives the same ε.  opacus is imported only when ε or σ is computed (a
+run without DP never imports it), and never configures the root logger.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from common.console import import_quietly
 
 ACCOUNTANTS = ("rdp", "prv")
 Entry = tuple[float, float, int]
@@ -71,7 +71,8 @@ class PrivacyLedger:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if not self.history:
             return 0.0
-        accountant = create_accountant(mechanism=self.accountant)
+        accountants = import_quietly("opacus.accountants")
+        accountant = accountants.create_accountant(mechanism=self.accountant)
         accountant.history = [tuple(entry) for entry in self.history]
         # opacus warns when the best RDP order is the largest one tried, and PRV's
         # discretisation takes log(0) at q = 1; the bounds returned stay valid upper bounds.
@@ -99,11 +100,12 @@ def noise_for_target(
     """The smallest σ (to opacus' search tolerance of 0.01 in ε) with which ``steps`` steps at
     sample rate ``sample_rate`` stay within (``target_epsilon``, ``delta``)."""
     check_accountant(accountant)
+    utils = import_quietly("opacus.accountants.utils")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (UserWarning, RuntimeWarning))
         try:
             return float(
-                get_noise_multiplier(
+                utils.get_noise_multiplier(
                     target_epsilon=target_epsilon,
                     target_delta=delta,
                     sample_rate=sample_rate,

@@ -1,7 +1,14 @@
-"""Patient-level, class-stratified, seeded train/tune/test splits."""
+"""Patient-level, class-stratified, seeded train/tune/test splits.
+
+A split depends on the data and the seed only: patients are ordered by a seeded hash of the
+identifier the caller gives (``fedct prepare`` gives the raw patient ID, in memory, never
+written), not by the site's salted pseudonyms, so two preparations of the same data — two
+sites' copies, two fresh clones, each with its own salt — put every scan in the same split.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -30,21 +37,24 @@ def assign_splits(
     """The split of every scan; all scans of a patient share one split.
 
     A patient's stratum is the most severe class among their scans (COVID-19 > pneumonia or
-    abnormal > normal; unlabelled = -1).  Within each stratum patients are shuffled with the
-    seed and cut by the fractions, rounding so that the totals match the fractions best.
+    abnormal > normal; unlabelled = -1).  Within each stratum patients are put in the order of
+    :func:`draw_order` and cut by the fractions, rounding so that the totals match the
+    fractions best.
     """
     stratum: dict[str, int] = defaultdict(lambda: -1)
     for patient, cls in zip(patient_ids, class_indices, strict=True):
         stratum[patient] = max(stratum[patient], cls)
     by_stratum: dict[int, list[str]] = defaultdict(list)
-    for patient in sorted(stratum):
+    for patient in sorted(stratum, key=lambda p: draw_order(p, seed)):
         by_stratum[stratum[patient]].append(patient)
-    rng = np.random.default_rng(seed)
     split_of: dict[str, str] = {}
-    for cls in sorted(by_stratum):
-        patients = by_stratum[cls]
-        order = rng.permutation(len(patients))
+    for patients in by_stratum.values():
         bounds = np.rint(np.cumsum(fractions) * len(patients)).astype(int)
-        for rank, idx in enumerate(order):
-            split_of[patients[idx]] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+        for rank, patient in enumerate(patients):
+            split_of[patient] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
     return [split_of[p] for p in patient_ids]
+
+
+def draw_order(patient: str, seed: int) -> bytes:
+    """A patient's place in the seeded random order: the hash of the seed and identifier."""
+    return hashlib.sha256(f"{seed}\0{patient}".encode()).digest()

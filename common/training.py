@@ -20,6 +20,7 @@ from rich.progress import track
 from torch import Tensor
 
 from common.cache import Batch
+from common.console import err
 from common.device import autocast_context, autocast_dtype, pick_device
 from common.model import SliceClassifier
 
@@ -151,7 +152,7 @@ def _batches(loader: Iterable[_T], description: str, progress: bool) -> Iterator
     if not progress:
         return iter(loader)
     total = len(loader) if isinstance(loader, Sized) else None
-    return iter(track(loader, description=description, total=total, transient=True))
+    return iter(track(loader, description=description, total=total, transient=True, console=err))
 
 
 def _on_device(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,6 +1,8 @@
 """The coordinator's Flower ServerApp: settings from the run config, the run directory's lock,
 a fresh or resumed run, the rounds of :mod:`server.rounds`, then the cross-site validation of
-:mod:`server.crosssite`.  See docs/federated.md."""
+:mod:`server.crosssite`.  Each round also logs its progress line (server/progress.py) and
+writes TensorBoard events (server/tensorboard_log.py); the run directory records the Flower
+run id.  See docs/federated.md."""
 
 from __future__ import annotations
 
@@ -11,16 +13,19 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from common.provenance import software_versions
 from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
 from server.crosssite import cross_site_validation
 from server.global_model import GlobalModel
+from server.progress import ProgressLine
 from server.roster import Roster
 from server.rounds import Federation
 from server.run_lock import RunLock
 from server.settings import ServerSettings
 from server.strategies import build_strategy, restore_strategy_state
 from server.superlink_outage import superlink_outage
+from server.tensorboard_log import TensorBoardLog
 
 app = ServerApp()
 
@@ -72,16 +77,33 @@ def _run(grid: Grid, context: Context, settings: ServerSettings, run_dir: RunDir
     run_key, first_round, roster = _open_run(settings, run_dir, model, strategy)
     run_dir.write_json(
         "run_config.json",
-        {"run_key": run_key, "first_round": first_round, "run_config": dict(context.run_config)},
+        {
+            "run_key": run_key,
+            "first_round": first_round,
+            "flower_run_id": context.run_id,
+            "run_config": dict(context.run_config),
+        },
     )
     log(INFO, "run directory: %s", run_dir.path)
     evaluator = CentralEvaluator.for_run(model, settings)
     federation = Federation(
         grid, strategy, settings, run_dir, model, evaluator, context.run_config, run_key, roster
     )
+    federation.card_extras = {
+        "run": {"run_key": run_key, "flower_run_id": context.run_id},
+        "software": software_versions(),
+    }
     if first_round > settings.num_rounds:
         log(INFO, "all %d rounds are done; raise num-server-rounds to go on", settings.num_rounds)
         return
-    final = federation.run(model.arrays(), first_round)
+    progress = ProgressLine(
+        run_dir,
+        settings.num_rounds,
+        lambda text: log(INFO, "%s", text),
+        lambda text: log(WARNING, "%s", text),
+    )
+    with TensorBoardLog(run_dir, first_round, dict(context.run_config)) as tensorboard:
+        federation.observers += [progress, tensorboard]
+        final = federation.run(model.arrays(), first_round)
     if settings.cross_site:
         cross_site_validation(federation, final)

@@ -11,7 +11,12 @@ federated results can be read against them.
 - ``--mode local --site NAME``: one hospital alone on its own data.
 
 The tune/test metrics of each round are computed on the pooled tune/test splits of the sites
-used (``federated`` in metrics.jsonl, as for a federated run).
+used (``federated`` in metrics.jsonl, as for a federated run).  Like a federated run, each
+round prints its progress line and writes TensorBoard events into the run directory.
+
+:func:`compare_with_baselines` trains every baseline of a finished federated run and writes
+its ``baselines.json``: each arm's external AUC with its 95 % CI, at the round its own tuning
+data pick (``best-metric``) and at its last round.
 """
 
 from __future__ import annotations
@@ -24,20 +29,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
+from rich.table import Table
 from torch.utils.data import ConcatDataset
 
 from common.cache import CacheDataset, CacheError, check_run_settings, make_loader
 from common.classes import GLOBAL_CLASSES
+from common.console import err, out
 from common.metrics import summarize
+from common.provenance import software_versions
 from common.training import evaluate, train_local
 from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
 from server.global_model import GlobalModel
+from server.progress import ProgressLine
+from server.run_summary import print_run_summary
 from server.settings import ServerSettings, SettingsError, app_defaults
-from server.simulate import SimulateError, build_run_config, round_table
+from server.simulate import SimulateError, build_run_config
+from server.tensorboard_log import TensorBoardLog
 
-console = Console(stderr=True)
+console = err
 MODES = ("centralized", "local")
 
 
@@ -101,6 +111,8 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
         },  # fmt: skip
     )
     training = settings.training
+    progress = ProgressLine(run_dir, settings.num_rounds, out.print)
+    tensorboard = TensorBoardLog(run_dir, 0, run_config)
     for server_round in range(settings.num_rounds + 1):
         started = time.monotonic()
         train_metrics: dict[str, Any] = {}
@@ -128,6 +140,7 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
             "run_config": run_config,
             "train": train_metrics,
             "central_evaluation": central,
+            "software": software_versions(),
         }
         line = {
             "time": created,
@@ -140,14 +153,132 @@ def train_baseline(overrides: dict[str, Any], mode: str, site: str | None) -> Ru
         run_dir.save_round(server_round, model.full_state(), card, line, {})
         metric = settings.best_metric
         run_dir.update_best(server_round, metric, federated.get(metric, central.get(metric)))
+        progress(server_round, card, line)
+        tensorboard(server_round, card, line)
+    tensorboard.close()
     return run_dir
+
+
+BASELINES_FILE = "baselines.json"
+
+
+def external_result(run_dir: RunDirectory, external: str) -> dict[str, Any]:
+    """An arm's external AUC and 95 % CI at the round ``best.json`` names (``round``) and at
+    its last round (``final``); the best round falls back to the last when no round had a
+    finite tune metric."""
+    metrics = {line["round"]: line for line in run_dir.metrics()}
+    if not metrics:
+        raise SettingsError(f"{run_dir.path}: no rounds recorded")
+    last = max(metrics)
+    best = (run_dir.read_json("best.json") or {}).get("round", last)
+
+    def at(server_round: int) -> dict[str, Any]:
+        central = metrics[server_round].get("central", {})
+        return {
+            "round": server_round,
+            "auc": central.get(f"{external}-auc_covid"),
+            "ci": [
+                central.get(f"{external}-auc_covid_ci_low"),
+                central.get(f"{external}-auc_covid_ci_high"),
+            ],
+        }
+
+    return {**at(best), "final": at(last)}
+
+
+def compare_with_baselines(overrides: dict[str, Any], federated: Path) -> dict[str, Any]:
+    """Train the centralized and every single-site baseline of the federated run in
+    ``federated`` (same run config: model, epochs, seed) under ``federated/baselines/``, and
+    write the comparison on the first external set to ``federated/baselines.json``."""
+    run_config = {**app_defaults(), **overrides}
+    externals = ServerSettings.from_run_config(run_config).external_caches
+    if not externals:
+        raise SettingsError("baselines are compared on an external set: external-caches is empty")
+    external = next(iter(externals))
+    sites = [Path(p).name for p in str(run_config["site-caches"]).split(",") if p]
+    arms = [("centralized", "centralized", None), *[(site, "local", site) for site in sites]]
+    results: dict[str, dict[str, Any]] = {}
+    for name, mode, site in arms:
+        began = time.monotonic()
+        run_dir = train_baseline(
+            {**overrides, "run-dir": str(federated / "baselines" / name)}, mode, site
+        )
+        seconds = round(time.monotonic() - began, 1)
+        results[name] = {**external_result(run_dir, external), "seconds": seconds}
+        console.print(
+            f"baseline {name}: {seconds:.0f} s, {external} AUC "
+            f"{auc_text(results[name])} at round {results[name]['round']}",
+            highlight=False,
+        )
+    comparison = {
+        "external": external,
+        "selected_by": run_config["best-metric"],
+        "federated": external_result(RunDirectory(federated), external),
+        "centralized": results.pop("centralized"),
+        "local": results,
+    }
+    RunDirectory(federated).write_json(BASELINES_FILE, comparison)
+    return comparison
+
+
+def auc_text(result: dict[str, Any]) -> str:
+    """``0.931 (0.897–0.958)``: an arm's AUC with its CI, as far as they are defined."""
+    low, high = result["ci"]
+    if result["auc"] is None:
+        return "–"
+    if low is None or high is None:
+        return f"{result['auc']:.3f}"
+    return f"{result['auc']:.3f} ({low:.3f}–{high:.3f})"
+
+
+def comparison_rows(comparison: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The arms of baselines.json by display name: federated, centralized, each site alone."""
+    return {
+        "federated": comparison["federated"],
+        "centralized": comparison["centralized"],
+        **{f"{site} alone": result for site, result in comparison["local"].items()},
+    }
+
+
+def comparison_table(rows: dict[str, dict[str, Any]], external: str, selected_by: str) -> Table:
+    """One row per arm: the external AUC with its CI at the round the arm's tuning data pick
+    and at its last round, and its seconds where recorded."""
+    table = Table(
+        title=f"federated against its baselines: {external} AUC (95 % CI)",
+        caption=f"round: picked by {selected_by} on each arm's own tuning data",
+    )
+    timed = any("seconds" in row for row in rows.values())
+    columns = ("run", "round", "AUC (95 % CI)", "last round", "AUC (95 % CI) ")
+    for column in columns + (("s",) if timed else ()):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for name, row in rows.items():
+        final = row["final"]
+        cells = [name, str(row["round"]), auc_text(row), str(final["round"]), auc_text(final)]
+        if timed:
+            cells.append("–" if row.get("seconds") is None else f"{row['seconds']:.0f}")
+        table.add_row(*cells)
+    return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--site", help="with --mode local: the site cache's folder name or index")
-    parser.add_argument("--config", type=Path, help="TOML of run-config keys (as fedct simulate)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--site",
+        help="with --mode local: the site cache's folder name or index (default: none; "
+        "needed with --mode local)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML of run-config keys, as for fedct simulate (default: none, the app's defaults)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key (repeatable; default: none)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,6 +288,6 @@ def run(args: argparse.Namespace) -> int:
     except (SimulateError, SettingsError, CacheError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    Console().print(round_table(run_dir.metrics()))
-    console.print(f"{args.mode} baseline written to {run_dir.path}")
+    what = "centralized baseline" if args.mode == "centralized" else f"local baseline {args.site}"
+    print_run_summary(run_dir.path, title=f"{what}: rounds of local-epochs epochs")
     return 0

@@ -7,10 +7,13 @@ connected site; a site's own model goes back to that site only, and with
 ``cross-site-local-models`` to every other site as well (which shows one hospital's model to
 the others).  Everything travels as Flower evaluate messages: only metrics leave the sites.
 Pairs that were not evaluated, or whose site failed, are ``null`` (format: server/report.py).
+Each cell also records its number of test scans and the site's patient-level bootstrap 95 %
+CI of the AUC; the global model is the one of the last round, recorded as ``global_round``.
 """
 
 from __future__ import annotations
 
+import math
 from logging import INFO, WARNING
 from typing import Any
 
@@ -51,20 +54,34 @@ def cross_site_jobs(
     return jobs
 
 
-def matrix(cells: dict[tuple[str, str], dict[str, Any]], local_sites: list[str]) -> dict[str, Any]:
+def matrix(
+    cells: dict[tuple[str, str], dict[str, Any]],
+    local_sites: list[str],
+    global_round: int | None = None,
+) -> dict[str, Any]:
     """The ``cross_site.json`` content from ``cells`` ((data site, model) → test metrics)."""
     models = [GLOBAL, *sorted(local_sites)]
     sites = sorted({site for site, _ in cells} | set(local_sites))
+
+    def grid(key: str) -> list[list[Any]]:
+        return [[cells.get((s, m), {}).get(f"{SPLIT}-{key}") for m in models] for s in sites]
+
+    low, high = grid("auc_covid_low"), grid("auc_covid_high")
     return {
         "sites": sites,
         "models": models,
-        **{
-            metric: [
-                [cells.get((s, m), {}).get(f"{SPLIT}-{metric}") for m in models] for s in sites
-            ]
-            for metric in CROSS_SITE_METRICS
-        },
+        "global_round": global_round,
+        **{metric: grid(metric) for metric in CROSS_SITE_METRICS},
+        "n": grid("n"),
+        "auc_covid_ci": [
+            [[lo, hi] if _finite(lo) and _finite(hi) else None for lo, hi in zip(*row, strict=True)]
+            for row in zip(low, high, strict=True)
+        ],
     }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _message(
@@ -122,5 +139,5 @@ def cross_site_validation(federation: Federation, global_arrays: ArrayRecord) ->
     if not cells:
         log(WARNING, "cross-site validation: no site answered; %s not written", CROSS_SITE)
         return
-    federation.run_dir.write_json(CROSS_SITE, matrix(cells, list(local)))
+    federation.run_dir.write_json(CROSS_SITE, matrix(cells, list(local), settings.num_rounds))
     log(INFO, "cross-site validation: %d evaluations written to %s", len(cells), CROSS_SITE)

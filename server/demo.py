@@ -4,9 +4,11 @@ The whole product on one machine, from one TOML file (``configs/demo.toml``): a 
 synthetic cohort of non-IID hospitals and a MosMedData-like external set (``[synth]``), a
 site-local cache per hospital and one for the external set (``[prepare]``), then a Flower
 simulation with one SuperNode per site, central evaluation on the external set every round
-and a checkpoint + model card per round (``[run]``: run-config keys).  Steps already done
-(same cohort, caches with the same settings) are reused, so a second ``make demo`` goes
-straight to training.
+and a checkpoint + model card per round (``[run]``: run-config keys); then the baselines
+with the same model, epochs and seed — centralized on the pooled sites and each site alone —
+and one table comparing their external AUCs (``baselines.json``; ``[baselines] run = false``
+skips them).  Steps already done (same cohort, caches with the same settings) are reused, so
+a second ``make demo`` goes straight to training.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from common.cache import CacheError
+from common.console import err, out
 from common.prepare import PrepareConfig, prepare
 from common.qa import print_summary
 from common.synth.cohort import synthesize
+from server.baselines import compare_with_baselines, comparison_rows, comparison_table
+from server.run_summary import print_run_summary
+from server.settings import SettingsError
 from server.simulate import Resources, SimulateError, resolve_paths, simulate
 
-console = Console(stderr=True)
+console = err
 EXTERNAL = "mosmed"
 
 
@@ -53,8 +57,10 @@ def ensure_cohort(synth: dict[str, Any]) -> Path:
     record = out / "cohort.json"
     wanted = {"profile": synth["profile"], "seed": synth["seed"]}
     scans = synth.get("scans-per-site")
-    if scans is not None:
-        wanted["scans_per_site"] = scans
+    mosmed = synth.get("mosmed-studies")
+    for key, value in (("scans_per_site", scans), ("mosmed_studies", mosmed)):
+        if value is not None:
+            wanted[key] = value
     if record.exists():
         existing = json.loads(record.read_text())
         same = all(existing.get(k) == v for k, v in wanted.items())
@@ -63,7 +69,12 @@ def ensure_cohort(synth: dict[str, Any]) -> Path:
             return out
         raise DemoError(f"{out} holds another cohort ({record}); remove it or change [synth] out")
     summary = synthesize(
-        out, synth["profile"], sites=synth["sites"], scans_per_site=scans, seed=synth["seed"]
+        out,
+        synth["profile"],
+        sites=synth["sites"],
+        scans_per_site=scans,
+        mosmed_studies=mosmed,
+        seed=synth["seed"],
     )
     console.print(summary.line())
     return out
@@ -121,27 +132,47 @@ def resources(config: dict[str, Any]) -> Resources:
     )
 
 
-def run_demo(config_path: Path) -> int:
+def run_demo(config_path: Path, *, verbose: bool = False) -> int:
     began = time.perf_counter()
     config = load_config(config_path)
     overrides = demo_run_config(config)
     prepared = time.perf_counter()
-    code = simulate(overrides, resources=resources(config))
-    done = time.perf_counter()
-    console.print(
-        f"demo: data ready in {prepared - began:.0f} s, federated training in "
-        f"{done - prepared:.0f} s; run directory {overrides['run-dir']}"
-    )
-    return code
+    code = simulate(overrides, resources=resources(config), verbose=verbose, summary=False)
+    federated = time.perf_counter()
+    if code != 0:
+        return code
+    run_dir = Path(overrides["run-dir"])
+    timings = [f"data {prepared - began:.0f} s", f"federated {federated - prepared:.0f} s"]
+    comparison = None
+    if config.get("baselines", {}).get("run", True):
+        comparison = compare_with_baselines(overrides, run_dir)
+        timings.append(f"baselines {time.perf_counter() - federated:.0f} s")
+    else:
+        timings.append("baselines not run ([baselines] run = false)")
+
+    def comparison_and_timings() -> None:
+        if comparison is not None:
+            rows = comparison_rows(comparison)
+            out.print(comparison_table(rows, comparison["external"], comparison["selected_by"]))
+        out.print(f"demo: {', '.join(timings)}", highlight=False)
+
+    print_run_summary(run_dir, between=comparison_and_timings)
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/demo.toml"),
+        help="the demo's TOML: [synth], [prepare], [simulation], [run], [baselines] "
+        "(default: configs/demo.toml)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return run_demo(args.config)
-    except (DemoError, SimulateError, CacheError, KeyError) as exc:
+        return run_demo(args.config, verbose=args.verbose)
+    except (DemoError, SimulateError, SettingsError, CacheError, KeyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

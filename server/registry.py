@@ -364,7 +364,6 @@ def run(args: argparse.Namespace) -> int:
     except BadInput as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     host = args.address.rpartition(":")[0]
     console.print(
         escape(f"registry serving {args.runs} on {host}:{port} ")

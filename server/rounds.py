@@ -14,7 +14,7 @@ last trained weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING
@@ -38,6 +38,10 @@ from server.robust import shortfall, split_replies, wait_for_nodes
 from server.roster import Roster, site_name
 from server.settings import ServerSettings
 from server.strategies import WEIGHT_KEY, strategy_state
+
+# Called after every recorded round with (round, model card, metrics line): progress lines,
+# TensorBoard (server/progress.py, server/tensorboard_log.py).
+RoundObserver = Callable[[int, dict[str, Any], dict[str, Any]], None]
 
 
 def reply_metrics(reply: Message) -> dict[str, Any]:
@@ -82,6 +86,8 @@ class Federation:
         self.layout = Layout.of(initial)
         self.local_models: dict[str, LocalModel] = {}
         self.roster = roster or Roster()
+        self.observers: list[RoundObserver] = []
+        self.card_extras: dict[str, Any] = {}  # e.g. the Flower run id and software versions
 
     def run(self, arrays: ArrayRecord, first_round: int) -> ArrayRecord:
         """Rounds ``first_round`` .. ``num_rounds`` from ``arrays``; round 0 is the initial
@@ -248,6 +254,7 @@ class Federation:
             "federated_evaluation": evaluation,
             "central_evaluation": central,
             "operating_point": operating_point.to_dict() if operating_point else None,
+            **self.card_extras,
         }
         federated = evaluation.get("aggregated", {})
         line = {
@@ -283,3 +290,5 @@ class Federation:
                 best["value"],
             )
         log(INFO, "round %d checkpointed in %s", server_round, self.run_dir.path)
+        for observe in self.observers:
+            observe(server_round, card, line)

@@ -24,6 +24,7 @@ from common.privacy import DPSettings
 from common.scan_index import verify_cache
 from common.training import TrainConfig
 from common.transport import TRANSPORT_DTYPES
+from common.weights import WeightsError, check_weights_available, weights_spec
 from server.strategies import STRATEGIES
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -135,15 +136,16 @@ class ServerSettings:
 
         check_types(run_config, app_defaults())
         try:
-            weights = str(get("pretrained-weights")).strip()
             model = ModelConfig(
                 backbone=str(get("backbone")),
                 pool=str(get("pool")),  # type: ignore[arg-type]
                 norm=str(get("norm")),  # type: ignore[arg-type]
                 freeze_backbone=bool(get("freeze-backbone")),
+                freeze_bn=bool(get("freeze-bn")),
                 dropout=float(get("dropout")),
-                pretrained_weights=str(_path(weights)) if weights else None,
+                pretrained_weights=weights_spec(str(get("pretrained-weights"))),
             )
+            check_weights_available(model.backbone, model.pretrained_weights)
             # Checked here, so that a typo stops the run instead of failing at every site.
             training = TrainConfig(
                 local_epochs=int(get("local-epochs")),
@@ -155,6 +157,8 @@ class ServerSettings:
                 proximal_mu=float(get("proximal-mu")),
             )
             privacy = DPSettings.from_config(run_config)
+        except WeightsError as exc:
+            raise SettingsError(f"pretrained-weights: {exc}") from exc
         except ValueError as exc:
             raise SettingsError(f"invalid run config: {exc}") from exc
         resume = str(get("resume-from")).strip()
@@ -216,8 +220,11 @@ class ServerSettings:
             problems.append("fedprox needs a positive proximal-mu")
         if self.privacy.enabled and self.training.class_weighting != "none":
             problems.append("dp needs class-weighting = none (balanced weights use every patient)")
-        if self.privacy.enabled and self.model.norm != "group":
-            problems.append('dp needs norm = "group" (BatchNorm mixes patients in a batch)')
+        if self.privacy.enabled and not self.model.batchnorm_frozen_or_absent:
+            problems.append(
+                'dp needs norm = "group", freeze-bn = true or freeze-backbone = true (BatchNorm '
+                "in training mode mixes patients in a batch)"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.train_max_slices < 0:

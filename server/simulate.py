@@ -3,10 +3,15 @@
 A thin wrapper around ``flwr run APP local --stream``: it writes a private Flower home (its
 own config.toml with a ``:local:`` SuperLink connection, free ports), passes the run config
 (``--config`` TOML file of ``[tool.flwr.app.config]`` keys, then ``--set KEY=VALUE``) with
-every path made absolute, checks the run before starting Flower (server/preflight.py),
-prints a per-round table of the run's metrics, and stops the background SuperLink, SuperExec
-and simulation processes that ``flwr run`` leaves behind.  It exits 0 only when Flower
-reports the run completed and every round is checkpointed; otherwise its last line says why.
+every path made absolute, shows a line per round while Flower's own output goes to
+RUN_DIR/flower.log (server/flower_console.py; ``--verbose`` shows it too), prints the rounds
+table and the next commands (server/run_summary.py), and stops the background SuperLink,
+SuperExec and simulation processes that ``flwr run`` leaves behind.  The Flower home is kept
+in RUN_DIR/flower, so that ``fedct flwr RUN_DIR ls`` / ``log`` show Flower's record of it.
+
+The run is checked before Flower starts (server/preflight.py).  ``fedct simulate`` exits 0
+only when Flower reports the run completed and every round is checkpointed; otherwise its
+last line says why.
 """
 
 from __future__ import annotations
@@ -28,18 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from server.checkpoints import CheckpointError, RunDirectory
+from common.console import err
+from common.weights import weights_spec
+from server.flower_console import failure_excerpt, run_flower
 from server.preflight import PreflightError, check_before_launch, unknown_key
-from server.settings import app_defaults, parse_external_caches
+from server.run_summary import print_run_summary, run_finished
+from server.settings import parse_external_caches
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PATH_KEYS = ("run-dir", "resume-from", "pretrained-weights")
+PATH_KEYS = ("run-dir", "resume-from")
 FLOWER_CONFIG = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+FLOWER_HOME = "flower"  # RUN_DIR/flower: the simulation's Flower home, kept after the run
+FLOWER_LOG = "flower.log"  # RUN_DIR/flower.log: everything flwr run printed
 
-console = Console(stderr=True)
+console = err
 
 
 class SimulateError(RuntimeError):
@@ -52,14 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="TOML file of run-config keys, as in [tool.flwr.app.config] (site-caches, "
         "external-caches, num-server-rounds, strategy, ...); relative paths are taken from "
-        "the current directory",
+        "the current directory (default: none, the app's defaults)",
     )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one run-config key (repeatable), e.g. --set strategy=fedbn",
+        help="override one run-config key (repeatable), e.g. --set strategy=fedbn (default: none)",
     )
     parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated site")
     parser.add_argument(
@@ -78,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flwr-home",
         type=Path,
-        help="keep Flower's state and logs here (default: a temporary directory, removed after)",
+        help="keep Flower's state and logs here (default: RUN_DIR/flower, kept so that "
+        "fedct flwr RUN_DIR ls / log work on the finished run)",
     )
 
 
@@ -132,6 +140,8 @@ def resolve_paths(overrides: dict[str, Any]) -> dict[str, Any]:
     for key in PATH_KEYS:
         if key in overrides:
             overrides[key] = _absolute(str(overrides[key]))
+    if "pretrained-weights" in overrides:
+        overrides["pretrained-weights"] = weights_spec(str(overrides["pretrained-weights"])) or ""
     sites = [_absolute(p) for p in str(overrides.get("site-caches", "")).split(",") if p.strip()]
     if not sites:
         raise SimulateError("site-caches is empty: list one prepared cache per site")
@@ -299,85 +309,57 @@ def flwr_run_command(
     ]
 
 
-def round_table(metrics: list[dict[str, Any]]) -> Table:
-    """Rows of metrics.jsonl: sites, train loss, tune AUC, and AUC/loss per external set."""
-    externals = sorted(
-        {
-            key.removesuffix("-auc_covid")
-            for line in metrics
-            for key in line.get("central", {})
-            if key.endswith("-auc_covid")
-        }
-    )
-    table = Table(title="federated rounds")
-    for column in ("round", "sites", "train loss", "tune AUC"):
-        table.add_column(column, justify="right")
-    for name in externals:
-        table.add_column(f"{name} AUC", justify="right")
-        table.add_column(f"{name} loss", justify="right")
-
-    def fmt(value: Any) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
-    for line in metrics:
-        kept = " (kept previous)" if line.get("kept_previous_model") else ""
-        row = [
-            str(line["round"]),
-            f"{len(line.get('sites', {}))}{kept}",
-            fmt(line.get("train", {}).get("train-loss")),
-            fmt(line.get("federated", {}).get("tune-auc_covid")),
-        ]
-        for name in externals:
-            central = line.get("central", {})
-            row += [fmt(central.get(f"{name}-auc_covid")), fmt(central.get(f"{name}-loss"))]
-        table.add_row(*row)
-    return table
-
-
 def simulate(
     overrides: dict[str, Any],
     *,
     app: Path = PROJECT_ROOT,
     flwr_home: Path | None = None,
     resources: Resources = Resources(),
+    verbose: bool = False,
+    summary: bool = True,
 ) -> int:
     """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when Flower
-    reports the run completed and every round was checkpointed, 2 when the run could not
-    start, 1 when it failed (the last line printed says why)."""
+    reports the run completed and every round was checkpointed, 2 when the run cannot start
+    (nothing is written), 1 when it failed (the last line says why).  ``flwr_home`` defaults
+    to RUN_DIR/flower; ``summary=False`` leaves the closing table and next commands
+    (:func:`print_run_summary`) to the caller."""
     run_dir = Path(overrides.get("resume-from") or overrides["run-dir"])
     sites = overrides["site-caches"].split(",")
     try:
         check_before_launch(overrides)
     except PreflightError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
         return 2
-    with local_flower(flwr_home) as (home, env):
+    log_path = run_dir / FLOWER_LOG
+    with local_flower(flwr_home or run_dir / FLOWER_HOME) as (home, env):
         run_config_file = write_run_config(home / "run-config.toml", overrides)
         console.print(
             f"simulating {len(sites)} sites, {resources.sites_at_once(len(sites))} at once; "
-            f"run directory {run_dir}"
+            f"run directory {run_dir}; Flower's output goes to {log_path}",
+            highlight=False,
         )
         command = flwr_run_command(app.resolve(), run_config_file, len(sites), resources)
-        returncode = subprocess.run(command, env=env, check=False).returncode
+        flower = run_flower(
+            command,
+            env,
+            log_path,
+            verbose=verbose,
+            on_run_id=lambda run_id: console.print(
+                f"Flower run {run_id} started (the simulated sites take a few seconds to start)",
+                highlight=False,
+            ),
+        )
         status, details = run_status(env)
-    directory = RunDirectory(run_dir)
-    try:
-        metrics = directory.metrics()
-        latest = (directory.read_json("latest.json") or {}).get("round")
-    except CheckpointError as exc:
-        metrics, latest, details = [], None, f"{details} {exc}".strip()
-    if metrics:
-        Console().print(round_table(metrics))
-    wanted = int({**app_defaults(), **overrides}["num-server-rounds"])
-    if status != "finished:completed":
-        reason = details or f"flwr run exited with {returncode}"
-        console.print(f"[red]error:[/red] the run ended {status}: {reason}", soft_wrap=True)
-        return 1
-    if latest is None or latest < wanted:
+        shutil.rmtree(home / "apps", ignore_errors=True)  # a copy of the app, not needed after
+    finished = print_run_summary(run_dir) if summary else run_finished(run_dir)
+    if flower.returncode != 0 or not finished or status != "finished:completed":
+        for line in failure_excerpt(log_path):
+            console.print(line, markup=False, highlight=False)
+        reason = details or ("not every round was checkpointed" if not finished else "")
         console.print(
-            f"[red]error:[/red] the run ended after round {latest} of {wanted}; see the log "
-            f"above and {run_dir}",
-            soft_wrap=True,
+            f"[red]error:[/red] the run ended {status}: {reason or 'see the log'}; Flower's "
+            f"whole output is in {log_path}",
+            highlight=False,
         )
         return 1
     return 0
@@ -409,6 +391,12 @@ def run(args: argparse.Namespace) -> int:
         overrides = build_run_config(args.config, args.set)
         resources = Resources(args.client_cpus, args.client_gpus, args.cpus)
     except (SimulateError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {exc}")
         return 2
-    return simulate(overrides, app=args.app, flwr_home=args.flwr_home, resources=resources)
+    return simulate(
+        overrides,
+        app=args.app,
+        flwr_home=args.flwr_home,
+        resources=resources,
+        verbose=args.verbose,
+    )

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbn")
 WEIGHT_KEY = "num-examples"
+SITE_ONLY_SUFFIXES = ("_low", "_high")
 COUNT_SUFFIX = "-n"
 
 
@@ -34,11 +35,14 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
     A metric ``<split>-<name>`` is weighted by ``<split>-n`` when the replies carry that count
     (evaluation replies report several splits of different sizes), any other metric by
     ``weight_key``.  ``weight_key`` and the ``*-n`` counts are summed.  A metric that is not
-    finite at any site (an AUC where no site has both classes) aggregates to NaN.
+    finite at any site (an AUC where no site has both classes) aggregates to NaN.  A site's
+    confidence bounds (``*_low``, ``*_high``) are left out: a mean of bounds is no interval.
     """
     metrics = [_metrics_of(record) for record in records]
     out = MetricRecord()
     for key in metrics[0]:
+        if key.endswith(SITE_ONLY_SUFFIXES):
+            continue
         values = [float(cast(float, m[key])) for m in metrics]
         if key == weight_key or key.endswith(COUNT_SUFFIX):
             out[key] = sum(values)

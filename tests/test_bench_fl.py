@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
+from rich.console import Console
 
 from bench.fl_overhead import rounding_effect, run_figures, targets
-from bench.fl_vs_baselines import summarize_run
 from bench.intensity_baseline import BINS, histograms
 from common.cache import CacheDataset
 from server.app import main
+from server.baselines import comparison_rows, comparison_table, external_result
 from server.checkpoints import RunDirectory
 
 
@@ -75,13 +77,25 @@ def test_overhead_figures_and_targets(tmp_path: Path) -> None:
     assert met["fp16_auc"]["met"]
 
 
-def test_summary_reads_the_best_round(tmp_path: Path) -> None:
+def test_an_arm_is_read_at_its_best_tune_round_and_its_last(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", 1000, [0.5, 0.7, 0.8], [0.5, 0.9, 0.6])
-    summary = summarize_run(run_dir, 12.0)
-    assert summary["final_auc"] == {"mosmed": 0.8}
-    assert (summary["best_round"], summary["best_metric"]) == (1, "tune-auc_covid")
-    assert summary["best_round_auc"] == {"mosmed": 0.7}
-    assert summary["round_seconds"] == 9.0
+    with open(run_dir.path / "metrics.jsonl") as handle:
+        lines = [json.loads(line) for line in handle]
+    lines[1]["central"].update({"mosmed-auc_covid_ci_low": 0.6, "mosmed-auc_covid_ci_high": 0.8})
+    (run_dir.path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    arm = external_result(run_dir, "mosmed")
+    assert arm == {
+        "round": 1,
+        "auc": 0.7,
+        "ci": [0.6, 0.8],
+        "final": {"round": 2, "auc": 0.8, "ci": [None, None]},
+    }
+    rows = comparison_rows({"federated": arm, "centralized": arm, "local": {"site-a": arm}})
+    assert list(rows) == ["federated", "centralized", "site-a alone"]
+    console = Console(width=120, record=True)
+    console.print(comparison_table(rows, "mosmed", "tune-auc_covid"))
+    text = console.export_text()
+    assert "0.700 (0.600–0.800)" in text and "site-a alone" in text
 
 
 def test_rounding_effect_rescores_the_final_model(

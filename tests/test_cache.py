@@ -33,14 +33,14 @@ def test_dataset_items_and_splits(tmp_path: Path) -> None:
     train = CacheDataset(cache, splits=["train"])
     assert len(train) == 2 and train.class_counts() == [1, 0, 1]
     item = train[1]
-    assert item.pixels.shape == (5, 3, 16, 16) and item.label == 2 and item.scan_id == "s1"
-    assert not torch.equal(item.pixels[:, 0], item.pixels[:, 1])  # per-channel ImageNet stats
+    assert item.pixels.shape == (5, 1, 16, 16) and item.label == 2 and item.scan_id == "s1"
+    assert float(item.pixels.min()) >= 0.0 and float(item.pixels.max()) <= 1.0
 
 
 def test_collate_pads_with_a_mask(tmp_path: Path) -> None:
     dataset = CacheDataset(_tiny_cache(tmp_path))
     batch = pad_collate([dataset[i] for i in range(3)])
-    assert batch.x.shape == (3, 5, 3, 16, 16)
+    assert batch.x.shape == (3, 5, 1, 16, 16)
     assert batch.mask.sum(dim=1).tolist() == [3, 5, 2]
     assert torch.all(batch.x[0, 3:] == 0) and batch.y.tolist() == [0, 2, 1]
     torch.testing.assert_close(batch.x[2, :2], dataset[2].pixels)

@@ -138,7 +138,16 @@ def test_cross_site_matrix_and_operating_point_of_a_tiny_run(
     grid = _run(make_grid, nodes, config)
     run_dir = Path(config["run-dir"])
     cross = json.loads((run_dir / "cross_site.json").read_text())
-    assert set(cross) == {"sites", "models", "auc_covid", "accuracy"}
+    assert set(cross) == {
+        "sites",
+        "models",
+        "global_round",
+        "auc_covid",
+        "accuracy",
+        "n",
+        "auc_covid_ci",
+    }
+    assert cross["global_round"] == 1 and cross["n"][0][:2] == [2, 2]
     assert cross["sites"] == ["site_a", "site_b"]
     assert cross["models"] == [GLOBAL, "site_a", "site_b"]
     for metric in ("auc_covid", "accuracy"):

@@ -26,6 +26,7 @@ BIN = Path(sys.executable).parent
 FLWR_VERSION = version("flwr")
 FLOWER_PROGRAMS = {"superlink": "flower-superlink", "supernode": "flower-supernode"}
 FEDCT_IMAGE = "fedct-superexec"
+NGINX_IMAGE = "nginx"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def default_program(image: str) -> str:
     name, _, _ = image.partition(":")
     if name.rpartition("/")[2] == FEDCT_IMAGE:
         return dockerfile()["entrypoint"]
+    if name == NGINX_IMAGE:
+        return "nginx"
     flower = re.fullmatch(r"flwr/(\w+)", name)
     assert flower and flower.group(1) in FLOWER_PROGRAMS, f"unexpected image {image}"
     return FLOWER_PROGRAMS[flower.group(1)]
@@ -182,17 +185,25 @@ def test_flower_images_carry_the_pinned_flower_version() -> None:
     assert FLWR_VERSION in requirement.specifier
     images = {c.image for c in ALL_CONTAINERS} | {dockerfile()["from"]}
     flower = {image for image in images if image.startswith("flwr/")}
-    assert flower == {
-        f"flwr/{name}:{FLWR_VERSION}" for name in ("superlink", "supernode", "superexec")
-    }
+    # Hospitals run their SuperNode from the fedct image: `fedct site supernode`.
+    assert flower == {f"flwr/{name}:{FLWR_VERSION}" for name in ("superlink", "superexec")}
     assert "flwr==${FLWR_VERSION}" in (DEPLOY / "Dockerfile").read_text()
     for image in images - flower:
-        assert image.partition(":")[0].rpartition("/")[2] == FEDCT_IMAGE, image
+        name, _, tag = image.partition(":")
+        assert name.rpartition("/")[2] == FEDCT_IMAGE or (name == NGINX_IMAGE and tag), image
 
 
 @pytest.mark.parametrize("container", ALL_CONTAINERS, ids=lambda c: c.where)
 def test_every_flag_is_accepted_by_the_program(container: Container) -> None:
     used = flags(container.argv)
+    if container.program == "fedct" and container.argv[:2] == ["site", "supernode"]:
+        # fedct's options, then flower-supernode's after "--".
+        split = container.argv.index("--")
+        own, flower = flags(container.argv[2:split]), flags(container.argv[split + 1 :])
+        assert not set(own) - accepted_flags("fedct", ("site", "supernode")), container.where
+        unknown = set(flower) - accepted_flags("flower-supernode", ())
+        assert not unknown, f"{container.where}: flower-supernode does not accept {unknown}"
+        return
     if container.program == "fedct":
         subcommand = tuple(container.argv[: container.argv.index(used[0])])
         assert subcommand == ("registry", "serve")
@@ -218,7 +229,16 @@ def test_readme_flags_are_accepted() -> None:
     text = (DEPLOY / "README.md").read_text()
     blocks = re.findall(r"```(?:sh|bash|console)\n(.*?)```", text, re.DOTALL)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
-    commands = [shlex.split(line) for line in lines if line.strip().startswith("flower-")]
+    commands = [
+        shlex.split(line)
+        for line in lines
+        if line.strip().startswith(("flower-", "fedct site supernode"))
+    ]
+    # `fedct site supernode ... -- ARGS` runs flower-supernode ARGS.
+    commands = [
+        ["flower-supernode", *argv[argv.index("--") + 1 :]] if argv[0] == "fedct" else argv
+        for argv in commands
+    ]
     assert {argv[0] for argv in commands} >= {"flower-superlink", "flower-supernode"}
     for argv in commands:
         unknown = set(flags(argv[1:])) - accepted_flags(argv[0], ())
@@ -248,8 +268,10 @@ def test_everything_meets_the_superlink_on_port_8000() -> None:
                 assert address.startswith("supernode:"), container.where
         if container.program.startswith("flower-"):
             assert "--superexec-auth-secret-file" in argv, container.where
+    # Only the proxy publishes ports: the SuperLink is reached through it (docs/threat-model.md).
     coordinator = yaml.safe_load((DEPLOY / "coordinator" / "compose.yaml").read_text())
-    assert "8000:8000" in coordinator["services"]["superlink"]["ports"]
+    assert "ports" not in coordinator["services"]["superlink"]
+    assert coordinator["services"]["proxy"]["ports"] == ["8000:8000", "8001:8001"]
 
 
 def test_the_clientapp_sees_the_paths_of_the_node_config() -> None:
@@ -265,3 +287,20 @@ def test_the_clientapp_sees_the_paths_of_the_node_config() -> None:
     assert option(hospital["superexec-clientapp"]["command"], "--runtime-api-address") == (
         f"supernode:{option(hospital['supernode']['command'], '--port')}"
     )
+
+
+@pytest.mark.parametrize("where", ["coordinator:proxy", "operator:forwarder"])
+def test_the_nginx_templates_get_every_variable_and_file(where: str) -> None:
+    """The official nginx image renders /etc/nginx/templates/*.template with the service's
+    environment: every variable must be set, every file it names mounted."""
+    folder, name = where.split(":")
+    service = yaml.safe_load((DEPLOY / folder / "compose.yaml").read_text())["services"][name]
+    (volume,) = service["volumes"]
+    source, target, mode = volume.split(":")
+    template = DEPLOY / folder / source
+    assert (target, mode) == (f"/etc/nginx/templates/{template.name}", "ro")
+    text = template.read_text()
+    assert set(re.findall(r"\$\{([A-Z_]+)\}", text)) == set(service["environment"])
+    certs = service["environment"]["CERTS"]
+    files = {f"{certs}/{file}" for file in re.findall(r"\$\{CERTS\}/([\w.]+);", text)}
+    assert files == {secret["target"] for secret in service["secrets"]}

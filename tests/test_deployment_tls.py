@@ -11,7 +11,6 @@ test fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import stat
 import subprocess
@@ -25,32 +24,25 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from deploy_procs import (
+    ROOT,
+    Processes,
+    fedct_certs,
+    flwr,
+    host_env,
+    node_statuses,
+    register_sites,
+    start_superlink,
+    start_supernode,
+)
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from common import certs
 from server.registry import read_tls
 from server.simulate import free_port, write_run_config
-from tests import deployment
-from tests.deployment import (
-    ROOT,
-    Processes,
-    flwr,
-    host_env,
-    superexec_command,
-    superlink_command,
-    supernode_command,
-    wait_for_port,
-)
 
 SITES = ("hospital-a", "hospital-b")
 REGISTERED = (*SITES, "hospital-c")  # hospital-c is registered but never joins
-
-
-def fedct_certs(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    certs.add_arguments(parser)
-    return certs.run(parser.parse_args(list(argv)))
 
 
 def _mode(path: Path) -> int:
@@ -138,10 +130,6 @@ class Coordinator:
     superlink: subprocess.Popen[bytes]
 
 
-def node_statuses(coordinator: Coordinator) -> list[str]:
-    return deployment.node_statuses(coordinator.env, "fedct")
-
-
 @pytest.fixture(scope="module")
 def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
     running = Processes(tmp_path_factory.mktemp("logs"))
@@ -177,22 +165,8 @@ def coordinator(hosts: Path, processes: Processes) -> Coordinator:
         f'root-certificates = "{pki / "ca.crt"}"\n\n'
         f'[superlink.plaintext]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    secret = ["--superexec-auth-secret-file", str(pki / "superexec.secret")]
-    tls = ["--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "superlink.crt")]
-    tls += ["--ssl-keyfile", str(pki / "superlink.key"), "--enable-supernode-auth"]
-    superlink = processes.start(
-        "superlink", superlink_command(port, host / "state.db", *tls, *secret), env
-    )
-    wait_for_port(port, superlink)
-    processes.start(
-        "superexec-serverapp",
-        superexec_command(port, "--root-certificates", str(pki / "ca.crt"), *secret),
-        env,
-    )
-    for site in REGISTERED:
-        public_key = hosts / site / "pki" / "supernodes" / f"{site}.pub"
-        done = flwr(env, "supernode", "register", str(public_key), "fedct", "--name", site)
-        assert done.returncode == 0 and "registered successfully" in done.stdout, done.stdout
+    superlink = start_superlink(processes, pki, port, host / "state.db", env)
+    register_sites(env, hosts, REGISTERED)
     return Coordinator(port, env, pki / "ca.crt", superlink)
 
 
@@ -206,18 +180,14 @@ def start_hospital(
     node_config: str = "",
 ) -> subprocess.Popen[bytes]:
     """A hospital's SuperNode (process isolation, its own runtime API port)."""
-    host = hosts / site
-    runtime_port = free_port()
-    secret = ["--superexec-auth-secret-file", str(host / "pki" / "superexec.secret")]
-    command = supernode_command(
-        coordinator.port, runtime_port, *transport, *secret, node_config=node_config
+    return start_supernode(
+        processes,
+        hosts / site,
+        site,
+        f"127.0.0.1:{coordinator.port}",
+        transport,
+        node_config=node_config,
     )
-    supernode = processes.start(f"supernode-{site}", command, host_env(host / "flwr-home"))
-    if node_config:
-        # The SuperNode's runtime API listens on loopback only.
-        superexec = superexec_command(runtime_port, "--insecure", *secret)
-        processes.start(f"superexec-{site}", superexec, host_env(host / "flwr-home"))
-    return supernode
 
 
 def tls_with_key(hosts: Path, coordinator: Coordinator, site: str) -> list[str]:
@@ -239,7 +209,7 @@ def test_a_supernode_with_an_unregistered_key_is_refused(
     log = processes.log(intruder)
     assert "Failed to activate SuperNode" in log and "Exit Code: 305" in log, log
     assert "No SuperNode found with the given public key" in processes.log(coordinator.superlink)
-    assert node_statuses(coordinator) == ["registered"] * len(REGISTERED)
+    assert node_statuses(coordinator.env) == ["registered"] * len(REGISTERED)
 
 
 def test_plaintext_clients_are_refused(
@@ -262,7 +232,7 @@ def test_plaintext_clients_are_refused(
     listed = flwr(coordinator.env, "ls", "plaintext")
     assert listed.returncode != 0
     assert "Connection to the SuperLink is unavailable" in listed.stdout + listed.stderr
-    assert node_statuses(coordinator) == ["registered"] * len(REGISTERED)
+    assert node_statuses(coordinator.env) == ["registered"] * len(REGISTERED)
 
 
 def test_two_rounds_over_tls_with_authenticated_supernodes(
@@ -283,7 +253,7 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(
             node_config=f'data-path="{cache}" site="{site}" device="cpu"',
         )
     deadline = time.monotonic() + 90
-    while node_statuses(coordinator).count("online") < len(SITES):
+    while node_statuses(coordinator.env).count("online") < len(SITES):
         assert time.monotonic() < deadline, "the hospitals' SuperNodes did not come online"
         time.sleep(2)
 

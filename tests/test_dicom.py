@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
 
 from common.ingest import dicom as dicom_reader
-from common.ingest.base import REASONS, Rejection, Scan, ScanLoadError
+from common.ingest.base import REASONS, Ignored, Rejection, Scan, ScanLoadError
 from common.ingest.dicom import SeriesRule, read_dicom
+from common.ingest.discover import files_of, read_input
 from common.synth.dicom_writer import (
     ScannerProfile,
     SeriesSpec,
@@ -125,6 +126,7 @@ def write_series(
 
 
 def read_all(root: Path, **kw: object) -> tuple[list[Scan], list[Rejection]]:
+    """Scans and rejections of the DICOM reader (ignored DICOMDIRs left out)."""
     items = list(read_dicom(root, **kw))
     return [i for i in items if isinstance(i, Scan)], [i for i in items if isinstance(i, Rejection)]
 
@@ -413,23 +415,24 @@ def test_file_names_never_change_the_order(
     assert scan.instance_uids == expected
 
 
-def test_every_pydicom_test_file_is_read_or_rejected() -> None:
+def test_every_pydicom_test_file_is_in_a_scan_a_rejection_or_ignored() -> None:
     root = Path(pydicom.__file__).parent / "data" / "test_files"
-    files = [p for p in root.rglob("*") if p.is_file()]
-    scans, rejections = read_all(root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    items = list(read_input(root, "dicom"))
+    scans = [i for i in items if isinstance(i, Scan)]
     failed_loads = []
     for scan in scans:
         try:
             scan.load(0, scan.n_slices)
         except ScanLoadError as exc:
             failed_loads.append(exc.rejection)
-    # Each file is accounted for: a DICOMDIR (skipped), a file rejection, counted in a series
-    # rejection ("k of n files"), or a slice of a scan.
-    counted = sum(
-        int(m.group(1)) if (m := re.search(r"\((\d+) of \d+ files\)$", r.detail)) else 1
-        for r in rejections
-    )
-    dicomdirs = [p for p in files if p.name.startswith("DICOMDIR")]
-    assert counted + sum(s.n_slices for s in scans) + len(dicomdirs) == len(files)
+    # Each file is accounted for exactly once, by its own relative path.
+    accounted = [path for item in items for path in files_of(item)]
+    assert sorted(accounted) == files
+    rejections = [i for i in items if isinstance(i, Rejection)]
     assert {r.reason for r in rejections} <= set(REASONS)
+    ignored = [i for i in items if isinstance(i, Ignored)]
+    assert ignored and all(i.path.endswith("DICOMDIR") or "DICOMDIR" in i.path for i in ignored)
+    series = [r for r in rejections if len(r.files) > 1]
+    assert series and all(re.search(rf"\({len(r.files)} of \d+ files\)$", r.detail) for r in series)
     assert len(scans) >= 3 and all(r.reason in REASONS for r in failed_loads)

@@ -22,6 +22,7 @@ from common.checkpoint_io import CheckpointLoadError, load_checkpoint, prepare_s
 from common.classes import GLOBAL_CLASSES
 from common.model import ModelConfig, build_model
 from common.operating_point import choose_operating_point
+from common.prepare import PrepareConfig, prepare
 from common.training import evaluate
 from server.checkpoints import RunDirectory
 
@@ -124,7 +125,8 @@ def test_cache_with_the_cards_operating_point(tmp_path: Path, cache: Path) -> No
 
     assert not EXTERNAL_LINK.search(report)
     assert report.count("<svg") >= 2 and "ROC curve" in report
-    assert report.count("data:image/png;base64,") == 6  # 3 correct, 3 wrong CAM overlays
+    assert report.count('alt="CAM of scan') == 6  # 3 correct, 3 wrong CAM overlays
+    assert report.count('alt="slice of scan') == 6  # each beside its plain slice
 
 
 def test_operating_point_is_chosen_on_the_tuning_data(tmp_path: Path, cache: Path) -> None:
@@ -169,10 +171,10 @@ def test_untuned_threshold_and_assumed_settings_are_labelled(tmp_path: Path, cac
     assert any("PrepareConfig defaults assumed" in note for note in metrics["notes"])
 
 
-def write_mosmed(root: Path) -> None:
+def write_mosmed(root: Path, studies: int = 6) -> None:
     rng = np.random.default_rng(1)
     affine = np.diag([0.8, 0.8, 2.0, 1.0])
-    for i in range(6):
+    for i in range(studies):
         folder = root / "studies" / ("CT-0" if i % 2 == 0 else "CT-2")
         folder.mkdir(parents=True, exist_ok=True)
         hu = rng.normal(-600 + 300 * (i % 2), 200, (32, 32, 12)).astype(np.int16)
@@ -195,6 +197,26 @@ def test_raw_mosmed_folder_is_prepared_with_the_cards_settings(tmp_path: Path) -
     }
     assert "auc_ovr_pneumonia_or_abnormal" not in metrics["metrics"]
     assert not EXTERNAL_LINK.search(report) and "<svg" in report
+
+
+def test_a_raw_folder_and_its_prepared_cache_give_the_same_intervals(tmp_path: Path) -> None:
+    """Each preparation draws its own salt, so the patients' pseudonyms differ; the bootstrap
+    must not depend on them."""
+    write_mosmed(tmp_path / "mosmed", studies=12)
+    card = make_run(tmp_path / "run", operating_point=STORED_OP)
+    cfg = PrepareConfig(size=32, fraction=0.5, normalize="ai-corona", splits=(0.0, 0.0, 1.0))
+    prepare(tmp_path / "mosmed", tmp_path / "cache", cfg, progress=False)
+    reports = []
+    for data in ("mosmed", "cache"):
+        args = ("--model", card, "--data", tmp_path / data, "--out", tmp_path / f"out-{data}")
+        assert evaluate_cli(*args, "--cams", "0", "--n-boot", "200") == 0
+        reports.append(read_outputs(tmp_path / f"out-{data}")[1])
+    raw, cached = reports
+    assert raw["data"]["kind"] == "raw folder" and cached["data"]["kind"] == "cache"
+    assert raw["metrics"] == cached["metrics"]
+    assert raw["curves"]["roc"]["band"] == cached["curves"]["roc"]["band"]
+    low, high = raw["metrics"]["auc_covid"]["ci"]
+    assert low < high
 
 
 def test_missing_prepare_settings_fall_back_to_defaults_and_say_so() -> None:

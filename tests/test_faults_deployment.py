@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from server.run_lock import LOCK_FILE, pid_alive
-from tests.deployment import PlaintextFederation, Processes, wait_until
+from tests.deploy_procs import Processes
+from tests.plaintext_federation import PlaintextFederation, wait_until
 
 SITES = ("hospital-a", "hospital-b")
 RUN_SECONDS = 300  # a guard against hanging; a round here takes well under a minute

@@ -1,12 +1,9 @@
-"""Hospital ClientApp functions, the ServerApp over an in-process grid, and one real
-``flwr run`` simulation with two sites."""
+"""Hospital ClientApp functions and the ServerApp over an in-process grid (the real ``flwr run``
+simulation of two sites is in tests/test_simulate_console.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +23,6 @@ from common.transport import FLOATING, LAYOUT_KEY, Layout
 from server.app import main
 from server.robust import NodeWaitTimeout
 from server.settings import ServerSettings, SettingsError
-from server.simulate import (
-    Resources,
-    flower_environment,
-    flwr_run_command,
-    stop_local_flower,
-    write_run_config,
-)
 
 TINY = ModelConfig(backbone="test_efficientnet")
 
@@ -208,40 +198,6 @@ def test_too_few_nodes_fail_with_a_clear_error(
     grid = make_grid([{"data-path": str(site_caches["site_a"])}], config)
     with pytest.raises(NodeWaitTimeout, match="only 1 of 2 nodes connected after 1 s"):
         _run(grid, config)
-
-
-def test_flwr_run_simulation_end_to_end(
-    run_config: dict[str, Any], tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    home = tmp_path / "flwr-home"
-    env = flower_environment(home)
-    request.addfinalizer(lambda: stop_local_flower(home))
-    overrides = {
-        k: run_config[k]
-        for k in ("backbone", "image-size", "batch-size", "lr", "device", "run-dir")
-    }
-    overrides |= {k: run_config[k] for k in ("site-caches", "external-caches")}
-    overrides |= {"num-server-rounds": 2, "transport-dtype": "float16"}
-    run_config_file = write_run_config(tmp_path / "run-config.toml", overrides)
-    command = flwr_run_command(Path(__file__).parents[1], run_config_file, 2, Resources(cpus=2))
-
-    started = time.monotonic()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    seconds = time.monotonic() - started
-    print(f"flwr run took {seconds:.1f} s", file=sys.stderr)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-    run_dir = Path(overrides["run-dir"])
-    for server_round in range(3):
-        assert (run_dir / f"round_00{server_round}.safetensors").exists()
-        card = json.loads((run_dir / f"round_00{server_round}.card.json").read_text())
-        assert card["round"] == server_round
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [0, 1, 2]
-    assert set(lines[2]["sites"]) == {"site_a", "site_b"}
-    assert lines[0]["central"]["ext-loss"] != lines[-1]["central"]["ext-loss"]
-    assert stop_local_flower(home), "flwr run left no background SuperLink to stop"
-    assert not stop_local_flower(home)
 
 
 def test_cosine_lr_schedule_decays_over_the_rounds(run_config: dict[str, Any]) -> None:

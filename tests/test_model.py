@@ -16,12 +16,12 @@ from common.model import (
     BATCH_NORMS,
     ModelConfig,
     SliceClassifier,
-    WeightsError,
     bn_state_keys,
     build_model,
     load_travelling_state,
     travelling_state,
 )
+from common.weights import WeightsError
 
 TINY = "test_efficientnet"
 
@@ -34,7 +34,7 @@ def tiny_model(seed: int = 0, **options: object) -> SliceClassifier:
 def padded_batch(counts: list[int], size: int = 32, seed: int = 1) -> tuple[torch.Tensor, ...]:
     """Random scans of ``counts`` slices; the padding holds large values, so a leak would show."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(counts), max(counts), 3, size, size, generator=generator)
+    x = torch.rand(len(counts), max(counts), 1, size, size, generator=generator)
     mask = torch.zeros(len(counts), max(counts), dtype=torch.bool)
     for i, n in enumerate(counts):
         mask[i, :n] = True
@@ -97,7 +97,8 @@ def test_checkpointed_chunks_match_plain_chunks_in_training() -> None:
     reference.load_state_dict(model.state_dict())
     x, mask = padded_batch([4, 5], size=64)
     model(x, mask).square().sum().backward()
-    per_slice = torch.cat([reference.backbone(chunk) for chunk in x[mask].tensor_split(3)])
+    chunks = reference.backbone_input(x[mask]).tensor_split(3)
+    per_slice = torch.cat([reference.backbone(chunk) for chunk in chunks])
     pooled = torch.stack([per_slice[:4].mean(dim=0), per_slice[4:].mean(dim=0)])
     reference.head(pooled).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
@@ -233,7 +234,6 @@ def test_pretrained_weights_errors_name_the_file(tmp_path: Path) -> None:
         {"norm": "layer"},
         {"slice_chunk": 0},
         {"dropout": 1.0},
-        {"pretrained_weights": "w.pt", "pretrained_from_hub": True},
     ],
 )
 def test_config_rejects_bad_options(options: dict[str, object]) -> None:
@@ -256,10 +256,10 @@ def test_cam_peaks_where_the_class_evidence_is() -> None:
     the class-1 map must peak on the patch, and each map must use its own class's weights."""
     model = tiny_model()
     size = 128
-    x = torch.zeros(1, 3, size, size)
-    x[..., 8:40, 8:40] = 3.0  # a bright patch in the top-left feature cell
+    x = torch.full((1, 1, size, size), 0.45)  # about ImageNet's mean grey
+    x[..., 8:40, 8:40] = 1.0  # a bright patch in the top-left feature cell
     with torch.no_grad():
-        maps = model.backbone.forward_features(x)[0]  # (D, 4, 4): 32-pixel cells
+        maps = model.backbone.forward_features(model.backbone_input(x))[0]  # (D, 4, 4)
         evidence = maps[:, 0, 0] - maps[:, 3, 3]
         model.head.weight[1] = evidence
         model.head.weight[0] = -evidence

@@ -36,7 +36,7 @@ def test_every_dicom_site_prepares_with_labels(cohort: Path, tmp_path: Path) -> 
         assert {r.reason for r in result.rejections} <= {"localizer", "not-selected"}
         dataset = CacheDataset(cache)
         item = dataset[0]
-        assert item.pixels.shape[1:] == (3, 32, 32)
+        assert item.pixels.shape[1:] == (1, 32, 32)
         assert all(int(r["n_slices_selected"]) >= 1 for r in dataset.rows)
         qa = json.loads((cache / "qa.json").read_text())
         assert qa["scans"] == len(result.rows)
@@ -146,3 +146,23 @@ def test_pydicom_test_files_never_crash_prepare(tmp_path: Path) -> None:
     for row in result.rows:
         pixels = np.load(tmp_path / "cache" / "scans" / f"{row['scan_id']}.npy")
         assert pixels.dtype == np.uint8 and pixels.shape[1:] == (16, 16)
+
+
+def test_splits_follow_the_data_not_the_salt(cohort: Path, tmp_path: Path) -> None:
+    """Two preparations of one site draw two salts, so every pseudonym differs; every scan,
+    matched by its pixels, must still land in the same split."""
+    site = _sites(cohort)[0]
+    split_by_pixels = []
+    for name in ("first", "second"):
+        cache = tmp_path / name
+        prepare(site, cache, TINY, labels=site / "labels.csv", progress=False)
+        split_by_pixels.append(
+            {
+                np.load(cache / "scans" / f"{row['scan_id']}.npy").tobytes(): row["split"]
+                for row in read_manifest(cache)
+            }
+        )
+    first, second = split_by_pixels
+    assert (tmp_path / "first" / ".salt").read_text() != (tmp_path / "second" / ".salt").read_text()
+    assert first == second
+    assert len(set(first.values())) > 1

@@ -20,7 +20,7 @@ from client.dp import PrivacyBudgetExceeded, ledger_path, read_ledgers
 from client.local import train_site
 from client.site_data import SiteConfigError, resolve_site
 from common.cache import ScanItem, read_manifest, write_manifest
-from common.model import ModelConfig, SliceClassifier, build_model, travelling_state
+from common.model import ModelConfig, SliceClassifier, bn_state_keys, build_model, travelling_state
 from common.privacy import (
     DPPlan,
     DPSettings,
@@ -56,7 +56,7 @@ def scans_of_patients(counts: list[int], seed: int = 0) -> tuple[list[ScanItem],
     items = []
     for k, index in enumerate(order):
         slices = int(torch.randint(2, 5, (1,), generator=generator))
-        pixels = torch.randn(slices, 3, 32, 32, generator=generator)
+        pixels = torch.rand(slices, 1, 32, 32, generator=generator)
         label = int(torch.randint(0, 3, (1,), generator=generator))
         items.append(ScanItem(pixels, label, f"scan-{k}", f"patient-{owners[index]}"))
     return items, [item.patient_id for item in items]
@@ -204,6 +204,20 @@ def test_models_and_losses_that_would_break_the_guarantee_are_refused() -> None:
     balanced = TrainConfig(device="cpu")
     with pytest.raises(PrivacyError, match="class-weighting = none"):
         train_private(gn_model(), items, patients, balanced, plan())
+
+
+def test_frozen_batchnorm_trains_privately_and_keeps_its_statistics() -> None:
+    """With freeze-bn every BatchNorm is a fixed affine map: DP-SGD trains the rest and leaves
+    the statistics, scale and shift exactly as they were."""
+    items, patients = scans_of_patients([2, 1, 2, 1])
+    model = gn_model(backbone="test_efficientnet", norm="batch", freeze_bn=True)
+    frozen = bn_state_keys(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_private(model, items, patients, CPU, plan(sample_rate=1.0, steps=2), seed=1)
+    after = model.state_dict()
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert not torch.equal(after["backbone.conv_stem.weight"], before["backbone.conv_stem.weight"])
 
 
 @pytest.fixture

@@ -92,7 +92,12 @@ def _write_run(path: Path, rounds: int, best: int) -> None:
     for server_round in range(rounds):
         # Over 1 MiB, so that a download takes more than one chunk.
         arrays = {"weight": rng.standard_normal(300_000).astype(np.float32)}
-        card = {"created": "2025-01-01T00:00:00+00:00", "run_config": {"lr": 0.01}}
+        card = {
+            "created": "2025-01-01T00:00:00+00:00",
+            "run_config": {"lr": 0.01},
+            "federated_evaluation": {"aggregated": {"tune-auc_covid": 0.6 + 0.051 * server_round}},
+            "central_evaluation": {"mosmed-auc_covid": 0.7 + 0.01 * server_round},
+        }
         run_dir.save_round(server_round, arrays, card, {"loss": 1.0 / (server_round + 1)}, {})
     run_dir.update_best(best, "accuracy", 0.9)
 
@@ -172,13 +177,18 @@ def test_list_shows_every_checkpoint_inside_the_root(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert _pull(address, pki, token_file, "--list") == 0
-    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    header, *lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert header == ["model", "created", "tune AUC", "external AUC", "flags", "bytes", "sha256"]
     assert [line[0] for line in lines] == ["alpha:0", "alpha:1", "alpha:2", "beta:0", "beta:1"]
-    by_ref = {line[0]: line[1:] for line in lines}
+    by_ref = {line[0]: dict(zip(header, line, strict=True)) for line in lines}
     weights = RunDirectory(runs / "alpha").weights_path(1)
-    assert by_ref["alpha:1"] == [str(weights.stat().st_size), _sha256(weights), "best"]
-    assert by_ref["alpha:2"][2:] == ["latest"]
-    assert by_ref["beta:0"][2:] == ["best"]
+    assert by_ref["alpha:1"]["bytes"] == str(weights.stat().st_size)
+    assert by_ref["alpha:1"]["sha256"] == _sha256(weights)
+    assert by_ref["alpha:1"]["flags"] == "best" and by_ref["alpha:2"]["flags"] == "latest"
+    assert by_ref["beta:0"]["flags"] == "best" and by_ref["alpha:0"]["flags"] == "–"
+    assert by_ref["alpha:1"]["created"] == "2025-01-01T00:00:00+00:00"
+    assert by_ref["alpha:1"]["tune AUC"] == "0.651"
+    assert by_ref["alpha:1"]["external AUC"] == "mosmed 0.710"
 
 
 def test_card_is_the_card_file(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from page_parts import Page
 
 from server.checkpoints import RunDirectory
 from server.report import add_arguments, run
@@ -35,7 +36,25 @@ def make_run(run_dir: Path) -> None:
         if r == 1:
             del central["mosmed-auc_covid"]
         train = {"participants": participants if r else []}
-        card = {"model_config": {"backbone": "test_efficientnet"}, "run_config": {"seed": 0}}
+        sites_evaluated = [
+            {
+                "site": site,
+                "metrics": {
+                    "tune-auc_covid": 0.55 + 0.05 * r,
+                    "tune-auc_covid_low": 0.4,
+                    "tune-auc_covid_high": 0.8,
+                    "test-auc_covid": 0.6,
+                },
+            }
+            for site in sites
+        ]
+        card = {
+            "model_config": {"backbone": "test_efficientnet"},
+            "run_config": {"seed": 0, "dp": False, "dp-delta": 0.0, "lr": 0.0012345678901},
+            "federated_evaluation": {"sites": sites_evaluated if r else []},
+            "software": {"fedct": "0.1.0", "torch": "2.14.1"},
+            "run": {"run_key": "k", "flower_run_id": 77},
+        }
         line = {
             "sites": sites if r else {},
             "failures": 0,
@@ -60,8 +79,8 @@ def test_report_renders_curves_card_and_absent_cross_site_cells(tmp_path: Path) 
     page = (tmp_path / "report.html").read_text()
 
     assert not EXTERNAL_LINK.search(page)
-    assert page.count("<svg") == 4  # AUC, loss, and the sites' loss and accuracy
-    for name in ("mosmed (central)", "tune (federated)", "hospital-b", "train"):
+    assert page.count("<svg") == 6  # AUC, loss, sites' tune and test AUC, loss and accuracy
+    for name in ("mosmed (external)", "tune (sites pooled)", "hospital-b", "train"):
         assert name in page
     best = RunDirectory(tmp_path).read_json("round_003.card.json")
     assert "Model card of round 3" in page and best["sha256"] in page
@@ -70,6 +89,45 @@ def test_report_renders_curves_card_and_absent_cross_site_cells(tmp_path: Path) 
     )
     assert page.count('title="absent"') == nulls
     assert "0.910" in page
+
+
+def test_report_marks_the_best_round_and_shows_sites_rounds_and_cross_site_detail(
+    tmp_path: Path,
+) -> None:
+    make_run(tmp_path)
+    cross = {
+        **CROSS_SITE,
+        "global_round": 3,
+        "n": [[12, 12, None], [9, None, 9]],
+        "auc_covid_ci": [[[0.8, 0.97], [0.7, 0.95], None], [[0.7, 0.95], None, [1.0, 1.0]]],
+    }
+    (tmp_path / "cross_site.json").write_text(json.dumps(cross))
+    assert report_cli(tmp_path) == 0
+    text = (tmp_path / "report.html").read_text()
+    page = Page(text)
+    assert page.sections == [
+        "Per round",
+        "Tune and test AUC per site",
+        "Participation per round",
+        "Train metrics per site",
+        "Model card of round 3",
+        "Cross-site evaluation",
+    ]
+    rounds = page.table_with("tune AUC")
+    assert rounds[0][:6] == ["round", "sites", "failures", "train loss", "tune AUC", "test AUC"]
+    assert [row[0] for row in rounds[1:]] == ["0", "1", "2", "3"]
+    assert rounds[4][-1] == "◀ best" and text.count('<tr class="best">') == 1
+    assert "0.8" in rounds[4] and "0.9" in rounds[4]  # rounded, not 0.8000000000000002
+    assert text.count(">chance</text>") == 3  # the AUC charts
+    assert text.count(">best: round 3</text>") == 6
+    assert "tune AUC per site (band: 95% CI)" in text and "test AUC per site" in text
+    overview = dict(page.tables[0])
+    assert overview["best round"].startswith("round 3: mosmed AUC 0.900")
+    assert overview["Flower run id"] == "77"
+    assert "dp-delta" not in text.split("the whole card")[0] and "0.001235" in text
+    header = page.table_with("test data of ↓ / model →")[0]
+    assert header[1:] == ["global (round 3)", "hospital-a's own", "hospital-b's own"]
+    assert "n = 12, CI 0.80–0.97" in text and "n = 9, no CI: every resample equal" in text
 
 
 def test_report_without_cross_site_file_says_so(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def _replies(arrays: list[dict[str, np.ndarray]], metrics: list[dict[str, float]
 @pytest.mark.parametrize("transport", ["float32", "float16"])
 def test_sent_weights_load_back_with_the_model_dtypes(transport: str) -> None:
     sender, receiver = _model(0), _model(1)
-    sender.train()(torch.randn(2, 2, 3, 32, 32), torch.ones(2, 2, dtype=torch.bool))
+    sender.train()(torch.rand(2, 2, 1, 32, 32), torch.ones(2, 2, dtype=torch.bool))
     layout = Layout.of(travelling_state(receiver, TINY))
 
     sent = outgoing_arrays(sender, transport)
@@ -250,6 +250,15 @@ def test_settings_from_the_app_defaults_and_bad_values(
         ServerSettings.from_run_config({**config, "min-train-replies": 3})
     with pytest.raises(SettingsError, match="lacks 'seed'"):
         ServerSettings.from_run_config({k: v for k, v in config.items() if k != "seed"})
+    lite0 = {**config, "backbone": "tf_efficientnet_lite0", "pretrained-weights": "imagenet"}
+    assert ServerSettings.from_run_config(lite0).model.pretrained_weights == "imagenet"
+    absent = {**config, "pretrained-weights": str(tmp_path / "b3.pth")}
+    with pytest.raises(SettingsError, match=r"pretrained-weights: .*b3\.pth: no such weights file"):
+        ServerSettings.from_run_config(absent)
+    with pytest.raises(SettingsError, match="dp needs norm"):
+        ServerSettings.from_run_config({**config, "dp": True, "class-weighting": "none"})
+    frozen_dp = {**config, "dp": True, "class-weighting": "none", "freeze-bn": True}
+    assert ServerSettings.from_run_config(frozen_dp).model.freeze_bn
     assert parse_external_caches(f"mosmed={tmp_path}/m, {tmp_path}/other") == {
         "mosmed": tmp_path / "m",
         "other": tmp_path / "other",

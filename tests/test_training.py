@@ -34,10 +34,10 @@ def brightness_batches(n_batches: int = 3, per_batch: int = 6, seed: int = 0) ->
     for b in range(n_batches):
         y = torch.arange(per_batch) % 3
         slices = torch.randint(2, 5, (per_batch,), generator=generator)
-        x = torch.zeros(per_batch, 4, 3, 32, 32)
+        x = torch.zeros(per_batch, 4, 1, 32, 32)
         mask = torch.arange(4)[None, :] < slices[:, None]
-        level = (y.float() - 1.0) * 1.5
-        noise = 0.3 * torch.randn(per_batch, 4, 3, 32, 32, generator=generator)
+        level = 0.2 + 0.3 * y.float()
+        noise = 0.05 * torch.randn(per_batch, 4, 1, 32, 32, generator=generator)
         x[mask] = (level[:, None, None, None, None] + noise)[mask]
         ids = [f"scan{b}-{i}" for i in range(per_batch)]
         batches.append(Batch(x, mask, y, ids, [f"patient{b}-{i}" for i in range(per_batch)]))

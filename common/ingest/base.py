@@ -3,6 +3,9 @@
 A reader walks an input folder and yields :class:`Scan` objects (ready to select slices
 from) and :class:`Rejection` objects (inputs it could not use, each with one reason code).
 Readers never raise on bad input: a bad file becomes a rejection and the walk goes on.
+Every file of the folder is accounted for once: in a scan's ``files``, in a rejection's
+``files``, or as :class:`Ignored` (a file that is not an input: a DICOMDIR index, the
+site's labels file, a file of another format than the one read).
 """
 
 from __future__ import annotations
@@ -35,15 +38,26 @@ Intensity = Literal["hu", "display"]
 
 @dataclass(frozen=True)
 class Rejection:
-    """An input that was not used: where it is (relative to the input root) and why."""
+    """An input that was not used: where it is (relative to the input root), why, and every
+    file it consists of (relative to the input root; ``(path,)`` unless given)."""
 
     path: str
     reason: str
     detail: str = ""
+    files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
             raise ValueError(f"unknown rejection reason {self.reason!r}")
+        object.__setattr__(self, "files", tuple(sorted(self.files)) or (self.path,))
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A file that is no input at all, and what it is (e.g. "DICOMDIR index")."""
+
+    path: str
+    what: str
 
 
 @dataclass
@@ -72,6 +86,11 @@ class Scan:
     extra: dict[str, str] = field(default_factory=dict)  # e.g. {"severity": "CT-2"}
     instance_uids: tuple[str, ...] = ()  # DICOM SOPInstanceUIDs in slice order (inspect only)
     warnings: tuple[str, ...] = ()  # QA notes, e.g. "irregular-spacing", "duplicate-position"
+    files: tuple[str, ...] = ()  # every input file of the scan, relative to the input root
+
+    def rejected(self, reason: str, detail: str = "") -> Rejection:
+        """This whole scan as a rejection (all its files) under ``reason``."""
+        return Rejection(self.source, reason, detail, self.files)
 
 
 class ScanLoadError(RuntimeError):
@@ -82,5 +101,5 @@ class ScanLoadError(RuntimeError):
         self.rejection = Rejection(path, reason, detail)
 
 
-ReaderItem = Scan | Rejection
+ReaderItem = Scan | Rejection | Ignored
 Reader = Callable[..., Iterator[ReaderItem]]

@@ -29,7 +29,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirecto
 from rich.console import Console
 from rich.progress import track
 
-from common.ingest.base import Rejection, Scan, ScanLoadError
+from common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
 
 # pydicom's warnings and log records quote header values, which may be patient data; this
 # reader reports every problem as a rejection instead.
@@ -37,6 +37,7 @@ warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 AIR_HU = -1024.0
+DICOMDIR = "DICOMDIR index of the export (its images are read from their own files)"
 _PIXEL_DATA = 0x7FE00010
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -90,19 +91,20 @@ class _Slice:
 
 def read_dicom(
     root: Path, *, rule: SeriesRule = SeriesRule(), progress: bool = False
-) -> Iterator[Scan | Rejection]:
+) -> Iterator[Scan | Rejection | Ignored]:
     """Walk ``root`` recursively and yield one scan per study (or per series, see ``rule``).
 
-    Rejections come first (files that are not usable images), then per study the chosen
-    scan(s) and the rejected series.  Reading is lazy only for pixels: all headers are
-    read before the first item is yielded, because series span many files.
+    Rejections come first (files that are not usable images) with the DICOMDIR indexes
+    (ignored), then per study the chosen scan(s) and the rejected series.  Reading is lazy
+    only for pixels: all headers are read before the first item is yielded, because series
+    span many files.
     """
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
     paths = sorted(p for p in root.rglob("*") if p.is_file())
     # Threads overlap file I/O (network shares, cold disks); the parsing itself holds the GIL.
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results: Iterable[_Slice | Rejection | None] = pool.map(
+        results: Iterable[_Slice | Rejection | Ignored] = pool.map(
             lambda p: _read_header(p, p.relative_to(root).as_posix()), paths
         )
         if progress:
@@ -113,7 +115,7 @@ def read_dicom(
                 console=Console(stderr=True),
             )
         headers = list(results)
-    yield from (r for r in headers if isinstance(r, Rejection))
+    yield from (r for r in headers if not isinstance(r, _Slice))
     yield from _assemble(root, [s for s in headers if isinstance(s, _Slice)], rule)
 
 
@@ -139,8 +141,8 @@ class _Probe:
         return False
 
 
-def _read_header(path: Path, rel: str) -> _Slice | Rejection | None:
-    """Parse one file up to its pixel data; None for a DICOMDIR (an index, not an image)."""
+def _read_header(path: Path, rel: str) -> _Slice | Rejection | Ignored:
+    """Parse one file up to its pixel data; a DICOMDIR (an index, not an image) is ignored."""
     has_marker = False
     try:
         with path.open("rb") as f:
@@ -161,11 +163,11 @@ def _read_header(path: Path, rel: str) -> _Slice | Rejection | None:
 
 def _parse(
     path: Path, rel: str, ds: pydicom.Dataset, has_marker: bool, probe: _Probe, size: int
-) -> _Slice | Rejection | None:
+) -> _Slice | Rejection | Ignored:
     meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
     sop_class = meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
     if sop_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
-        return None
+        return Ignored(rel, DICOMDIR)
     if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality")):
         if has_marker:
             return Rejection(rel, "corrupt", "no data elements after the file meta (truncated?)")
@@ -260,7 +262,10 @@ def _assemble(root: Path, slices: list[_Slice], rule: SeriesRule) -> Iterator[Sc
             total = len(series[key])
             for (reason, detail), files in problems.items():
                 yield Rejection(
-                    place(key, files), reason, f"{detail} ({len(files)} of {total} files)"
+                    place(key, files),
+                    reason,
+                    f"{detail} ({len(files)} of {total} files)",
+                    tuple(s.rel for s in files),
                 )
             if usable:
                 count = f"{len(usable)} of {total} files"
@@ -268,7 +273,12 @@ def _assemble(root: Path, slices: list[_Slice], rule: SeriesRule) -> Iterator[Sc
                 if isinstance(built, Scan):
                     candidates.append((built, count))
                 else:
-                    yield Rejection(place(key, usable), built[0], f"{built[1]} ({count})")
+                    yield Rejection(
+                        place(key, usable),
+                        built[0],
+                        f"{built[1]} ({count})",
+                        tuple(s.rel for s in usable),
+                    )
         yield from _choose(candidates, rule)
 
 
@@ -309,6 +319,7 @@ def _codec_problem(transfer_syntax: str) -> str:
 
 def _build_scan(source: str, files: list[_Slice], rule: SeriesRule) -> Scan | tuple[str, str]:
     """Sort one series' slices into a scan, or say why they do not form a regular volume."""
+    every_file = tuple(sorted(s.rel for s in files))  # duplicate copies included
     files, dropped, conflict = _deduplicate(files)
     if conflict:
         return "inconsistent-geometry", conflict
@@ -345,6 +356,7 @@ def _build_scan(source: str, files: list[_Slice], rule: SeriesRule) -> Scan | tu
         extra={"kernel": first.kernel, "series_number": str(first.series_number)},
         instance_uids=tuple(s.sop_uid for s in files),
         warnings=warnings,
+        files=every_file,
     )
 
 
@@ -422,10 +434,8 @@ def _choose(candidates: list[tuple[Scan, str]], rule: SeriesRule) -> Iterator[Sc
     chosen = ranked[0][0]
     yield chosen
     for other, count in ranked[1:]:
-        yield Rejection(
-            other.source,
-            "not-selected",
-            f"{_describe(other)} lost to {_describe(chosen)} ({count})",
+        yield other.rejected(
+            "not-selected", f"{_describe(other)} lost to {_describe(chosen)} ({count})"
         )
 
 

@@ -66,7 +66,7 @@ def read_nifti(root: Path, **_: object) -> Iterator[ReaderItem]:
     """Every NIfTI volume under ``root``; CT-k parent folders give label and severity."""
     root = Path(root)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and is_nifti(p)):
-        source = str(path.relative_to(root))
+        source = path.relative_to(root).as_posix()
         try:
             image = nib.load(path)
         except Exception as exc:  # nibabel raises many types for damaged headers
@@ -93,4 +93,5 @@ def read_nifti(root: Path, **_: object) -> Iterator[ReaderItem]:
             load=load,
             label=folder.upper() if labelled else None,
             extra={"severity": folder.upper()} if labelled else {},
+            files=(source,),
         )

@@ -60,15 +60,20 @@ def read_slice_images(root: Path, **_: object) -> Iterator[ReaderItem]:
         if path.is_file() and is_slice_image(path):
             folders[path.parent].append(path)
     for folder in sorted(folders):
-        source = str(folder.relative_to(root))
+        source = folder.relative_to(root).as_posix()
+        every_file = tuple(sorted(p.relative_to(root).as_posix() for p in folders[folder]))
         numbered = [(slice_number(p), p) for p in folders[folder]]
         unnumbered = [p for n, p in numbered if n is None]
         if unnumbered:
-            yield Rejection(source, "inconsistent-geometry", "slice files without a number")
+            yield Rejection(
+                source, "inconsistent-geometry", "slice files without a number", every_file
+            )
             continue
         numbers = [n for n, _ in numbered]
         if len(set(numbers)) != len(numbers):
-            yield Rejection(source, "inconsistent-geometry", "two slice files share a number")
+            yield Rejection(
+                source, "inconsistent-geometry", "two slice files share a number", every_file
+            )
             continue
         files = [p for _, p in sorted(numbered)]
         parts = folder.relative_to(root).parts
@@ -87,4 +92,5 @@ def read_slice_images(root: Path, **_: object) -> Iterator[ReaderItem]:
             intensity="display",
             load=_loader(root, files),
             label=label,
+            files=every_file,
         )

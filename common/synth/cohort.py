@@ -149,15 +149,19 @@ def synthesize(
     external: bool = True,
     progress: bool = True,
     *,
+    mosmed_studies: int | None = None,
     difficulty: Difficulty | None = None,
 ) -> CohortSummary:
-    """Write a whole cohort under ``out`` (which must be empty or absent)."""
+    """Write a whole cohort under ``out`` (which must be empty or absent).  ``scans_per_site``
+    and ``mosmed_studies`` override the profile's numbers."""
     if profile not in SIZES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(SIZES)}")
     if sites < 1:
         raise ValueError(f"--sites must be at least 1, got {sites}")
     if scans_per_site is not None and scans_per_site < 1:
         raise ValueError(f"--scans-per-site must be at least 1, got {scans_per_site}")
+    if mosmed_studies is not None and mosmed_studies < 1:
+        raise ValueError(f"--mosmed-studies must be at least 1, got {mosmed_studies}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; synthesize into a new folder")
@@ -166,6 +170,7 @@ def synthesize(
     size = SIZES[profile]
     difficulty = difficulty or Difficulty()
     n_scans = scans_per_site or size.scans_per_site
+    n_mosmed = mosmed_studies or size.mosmed_studies
     site_counts: dict[str, dict[str, int]] = {}
     site_meta: dict[str, dict[str, object]] = {}
     ext_counts: dict[str, dict[str, int]] = {}
@@ -185,7 +190,7 @@ def synthesize(
             site_counts[name] = result.labels
             site_meta[name] = {"profile": hospital.name, **dataclasses.asdict(result)}
         if external:
-            counts = _apportion(MOSMED_SHARES, size.mosmed_studies)
+            counts = _apportion(MOSMED_SHARES, n_mosmed)
             task = bar.add_task("external/mosmed", total=sum(counts))
             ext_counts["mosmed"] = _write_mosmed(
                 out / "external" / "mosmed",
@@ -206,6 +211,7 @@ def synthesize(
         "seed": seed,
         "matrix": size.matrix,
         "scans_per_site": n_scans,
+        "mosmed_studies": n_mosmed if external else 0,
         "difficulty": dataclasses.asdict(difficulty),
         "sites": site_meta,
         "external": ext_counts,
@@ -565,6 +571,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scans-per-site", type=int, default=None, help="studies per hospital (profile default)"
     )
+    parser.add_argument(
+        "--mosmed-studies",
+        type=int,
+        default=None,
+        help="studies in the MosMedData-like external set (profile default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     parser.add_argument(
         "--no-external", action="store_true", help="skip the MosMed-like and CC-CCII-like sets"
@@ -579,6 +591,7 @@ def run(args: argparse.Namespace) -> int:
             args.profile,
             sites=args.sites,
             scans_per_site=args.scans_per_site,
+            mosmed_studies=args.mosmed_studies,
             seed=args.seed,
             external=not args.no_external,
             progress=True,
