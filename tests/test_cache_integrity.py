@@ -78,7 +78,10 @@ def test_ctrl_c_stops_prepare_in_one_line_and_the_rerun_resumes(site: Path, tmp_
     """A real Ctrl-C (SIGINT to the whole process group, workers included) while two workers
     convert scans slowed down to 0.4 s each."""
     cache = tmp_path / "cache"
+    # A shell without job control starts background jobs with SIGINT ignored, which Python
+    # then leaves ignored: the child restores what a terminal gives it.
     slow = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "import sys, time; import common.prepare as p; convert = p.to_cache_pixels; "
         "p.to_cache_pixels = lambda *a: (time.sleep(0.4), convert(*a))[1]; "
         "from common.cli import main; sys.exit(main(sys.argv[1:]))"
