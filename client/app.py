@@ -4,7 +4,8 @@ The site is taken from the node config (``data-path``, ``site``, optional ``devi
 simulation, from ``partition-id`` and the run config's ``site-caches``: see
 :mod:`client.site_data`.  Replies carry one ArrayRecord (train only), one MetricRecord whose
 keys are the same at every site, and a ``site`` ConfigRecord with the site's name.  Every
-reply passes the egress guard of :mod:`client.egress` on its way out.
+reply passes the egress guard of :mod:`client.egress` on its way out; a site problem is an
+error reply naming the site (:mod:`client.site_errors`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from flwr.clientapp import ClientApp
 from client.egress import egress_guard
 from client.local import evaluate_site, train_site
 from client.site_data import Site, resolve_site
+from client.site_errors import site_errors
 
-app = ClientApp(mods=[egress_guard])
+app = ClientApp(mods=[site_errors, egress_guard])
 
 
 def _reply(

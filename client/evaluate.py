@@ -68,6 +68,7 @@ from common.model import SliceClassifier
 from common.operating_point import OperatingPoint, choose_operating_point
 from common.prepare import PrepareConfig, prepare
 from common.provenance import software_versions
+from common.scan_index import verify_cache
 from common.training import EvalResult, evaluate
 
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole
@@ -239,6 +240,7 @@ def _cache_for(
                 f"{data}: is a prepared cache; --labels, --label-map and --format apply to raw "
                 "folders only"
             )
+        verify_cache(data)
         cached = read_settings(data) or {}
         differ = [k for k in settings if k not in missing and cached.get(k) != settings[k]]
         if differ:

@@ -72,6 +72,15 @@ def _epsilon_budget(node_config: UserConfig) -> float | None:
     return budget
 
 
+def declared_name(node_config: UserConfig, run_config: UserConfig) -> str:
+    """The site's name as :func:`resolve_site` gives it, without checking its cache (for
+    naming a site whose cache is broken)."""
+    try:
+        return str(node_config.get("site") or _cache_dir(node_config, run_config).name)
+    except (SiteConfigError, ValueError):
+        return f"node-{node_config.get('partition-id', '?')}"
+
+
 def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
     """The site of this node (see the module docstring); :class:`SiteConfigError` if unknown."""
     cache = _cache_dir(node_config, run_config)

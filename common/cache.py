@@ -2,9 +2,11 @@
 
 Layout of a cache directory::
 
-    cache.json          settings it was prepared with (size, fraction, normalisation)
+    cache.json          settings it was prepared with (size, fraction, normalisation), and
+                        the manifest's row count and sha256
     manifest.csv        one row per scan (pseudonymous ids, label, split, geometry)
     scans/<scan_id>.npy uint8 (selected slices, size, size), memory-mappable
+    scan_index.jsonl    size and sha256 of every scan file as written (common/scan_index.py)
     qa.json, qa.html    the quality report
     .salt               the site's pseudonym salt (never leaves the site)
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.classes import GLOBAL_CLASSES
 
 CACHE_VERSION = 1
+MANIFEST_RECORD = "manifest"  # cache.json: {"rows": N, "sha256": ...} of manifest.csv
 SPLITS = ("train", "tune", "test")
 MANIFEST_FIELDS = (
     "scan_id",
@@ -57,14 +61,21 @@ class CacheError(RuntimeError):
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path`` and rename it over ``path`` on success."""
+def atomic_open(path: Path, mode: str = "w", *, durable: bool = False) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` and rename it over ``path`` on success.
+
+    ``durable`` also forces the content to disk before the rename, so that not even a power
+    loss can leave ``path`` naming a file whose blocks were never written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, mode, newline="" if "b" not in mode else None) as handle:
             yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -74,17 +85,28 @@ def scan_path(cache_dir: Path, scan_id: str) -> Path:
     return Path(cache_dir) / "scans" / f"{scan_id}.npy"
 
 
-def write_scan(cache_dir: Path, scan_id: str, pixels: np.ndarray) -> None:
-    """Store one scan's uint8 (S, H, W) slices."""
+def write_scan(cache_dir: Path, scan_id: str, pixels: np.ndarray) -> bytes:
+    """Store one scan's uint8 (S, H, W) slices; returns the bytes written (for their record
+    in common/scan_index.py)."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3:
         raise ValueError(f"cache pixels must be uint8 (S, H, W), got {pixels.dtype} {pixels.shape}")
+    buffer = io.BytesIO()
+    np.save(buffer, pixels)
+    blob = buffer.getvalue()
     with atomic_open(scan_path(cache_dir, scan_id), "wb") as handle:
-        np.save(handle, pixels)
+        handle.write(blob)
+    return blob
+
+
+def _write_cache_json(cache_dir: Path, content: dict[str, Any]) -> None:
+    with atomic_open(Path(cache_dir) / "cache.json") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
 
 
 def write_settings(cache_dir: Path, settings: dict[str, Any]) -> None:
-    with atomic_open(Path(cache_dir) / "cache.json") as handle:
-        json.dump({"version": CACHE_VERSION, **settings}, handle, indent=2, sort_keys=True)
+    """Record the settings a cache is prepared with (keeping the manifest's record)."""
+    kept = {k: v for k, v in (read_settings(cache_dir) or {}).items() if k == MANIFEST_RECORD}
+    _write_cache_json(cache_dir, {**kept, "version": CACHE_VERSION, **settings})
 
 
 def read_settings(cache_dir: Path) -> dict[str, Any] | None:
@@ -120,23 +142,53 @@ def check_run_settings(cache_dir: Path, run_config: Mapping[str, Any]) -> None:
 
 
 def write_manifest(cache_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with atomic_open(Path(cache_dir) / "manifest.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        for row in sorted(rows, key=lambda r: r["scan_id"]):
-            writer.writerow({key: row.get(key, "") for key in MANIFEST_FIELDS})
+    """Write the manifest, then record its row count and sha256 in ``cache.json`` so that a
+    manifest damaged or cut later is recognised as such."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_FIELDS)
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: r["scan_id"]):
+        writer.writerow({key: row.get(key, "") for key in MANIFEST_FIELDS})
+    blob = text.getvalue().encode()
+    with atomic_open(Path(cache_dir) / "manifest.csv", "wb") as handle:
+        handle.write(blob)
+    record = {"rows": len(rows), "sha256": hashlib.sha256(blob).hexdigest()}
+    _write_cache_json(cache_dir, {**(read_settings(cache_dir) or {}), MANIFEST_RECORD: record})
 
 
-def read_manifest(cache_dir: Path) -> list[dict[str, str]]:
+def read_manifest(cache_dir: Path, *, verify: bool = True) -> list[dict[str, str]]:
+    """The manifest's rows.  Refused with a :class:`CacheError` naming the file and the row:
+    a missing file or column, bytes that are not UTF-8 CSV, a row cut short, and (``verify``,
+    when ``cache.json`` records it) a manifest that is not the one ``fedct prepare`` wrote."""
     path = Path(cache_dir) / "manifest.csv"
+    rerun = "; run `fedct prepare` on this site again"
     try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        blob = path.read_bytes()
     except FileNotFoundError as exc:
         raise CacheError(f"{path}: no manifest; run `fedct prepare` on this site first") from exc
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CacheError(
+            f"{path}: not a CSV manifest (byte {exc.start} is not UTF-8){rerun}"
+        ) from exc
+    record = (read_settings(cache_dir) or {}).get(MANIFEST_RECORD) if verify else None
+    if record and hashlib.sha256(blob).hexdigest() != record.get("sha256"):
+        lines = max(0, len(text.splitlines()) - 1)
+        raise CacheError(
+            f"{path}: damaged or cut ({lines} rows where fedct prepare wrote "
+            f"{record.get('rows')}, and another sha256){rerun}"
+        )
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise CacheError(f"{path}: not a CSV manifest ({exc}){rerun}") from exc
     missing = set(MANIFEST_FIELDS) - set(rows[0] if rows else MANIFEST_FIELDS)
     if missing:
         raise CacheError(f"{path}: manifest lacks columns {sorted(missing)}")
+    for number, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            raise CacheError(f"{path}: row {number} has the wrong number of fields (cut?){rerun}")
     return rows
 
 
@@ -213,7 +265,7 @@ class CacheDataset(Dataset[ScanItem]):
         path = scan_path(self.cache_dir, row["scan_id"])
         try:
             pixels = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise CacheError(f"{path}: unreadable cached scan ({exc})") from exc
         if 0 < self.max_slices < len(pixels):
             pixels = pixels[np.sort(self._rng.choice(len(pixels), self.max_slices, replace=False))]

@@ -5,6 +5,11 @@ a module docstring whose first line is the help text.  Only the module of the co
 run is imported, so ``common`` needs no import of ``client`` or ``server``.  Every command
 takes ``--verbose`` (DEBUG logs, and Flower's and Ray's own output), and every option's help
 ends with its default.
+
+Every command exits 0 on success and non-zero otherwise, with the reason as its last line:
+commands answer the errors they expect themselves; anything else (a bug, an unexpected
+failure) ends here in one line with exit 1 (``--verbose`` shows the traceback instead), and
+Ctrl-C with exit 130.
 """
 
 from __future__ import annotations
@@ -102,7 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     configure_logging(args.verbose)
-    return import_module(_commands()[args.command]).run(args)
+    try:
+        return import_module(_commands()[args.command]).run(args)
+    except KeyboardInterrupt:
+        print(f"fedct {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        reason = " ".join(str(exc).split()) or "no message"
+        print(
+            f"fedct {args.command}: failed: {type(exc).__name__}: {reason} "
+            "(--verbose shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Columns: ``label`` and at least one key column.  Keys are tried in this order, the first
 that matches a scan wins: ``series_uid``, ``study_uid``, ``path`` (the scan's folder or
-file relative to the input root), ``patient_id``.
+file relative to the input root), ``patient_id``.  A row is identified by its first non-empty
+key column: the same id twice with the same label is fine, with different labels an error
+that lists the ids.  A less specific key shared by rows with different labels (a patient
+with a normal and a COVID-19 study) labels no scan by itself.
 """
 
 from __future__ import annotations
@@ -39,11 +42,35 @@ class LabelTable:
                 f"found {', '.join(columns) or 'no header'}"
             )
         by_key: dict[str, dict[str, str]] = {k: {} for k in keys}
-        for row in rows:
+        first_line: dict[tuple[str, str], int] = {}
+        conflicts: list[str] = []
+        ambiguous: set[tuple[str, str]] = set()
+        for line, row in enumerate(rows, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            for key in keys:
-                if row.get(key) and row.get("label"):
-                    by_key[key][row[key]] = row["label"]
+            label = row.get("label")
+            present = [key for key in keys if row.get(key)]
+            if not (label and present):
+                continue
+            for key in present:
+                value = row[key]
+                known = by_key[key].setdefault(value, label)
+                first_line.setdefault((key, value), line)
+                if known == label:
+                    continue
+                if key == present[0]:
+                    conflicts.append(
+                        f"{key} {value} (line {first_line[key, value]}: {known!r}, "
+                        f"line {line}: {label!r})"
+                    )
+                else:
+                    ambiguous.add((key, value))
+        if conflicts:
+            shown = "; ".join(conflicts[:10]) + (
+                f"; and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
+            )
+            raise LabelsError(f"{path}: {len(conflicts)} ids have conflicting labels: {shown}")
+        for key, value in ambiguous:
+            del by_key[key][value]
         return cls(by_key)
 
     def label_of(self, scan: Scan) -> str | None:

@@ -4,6 +4,11 @@ Steps: read headers (no pixels), label every scan, reject what cannot be used (e
 reason code), decode only the middle slices, normalise, resize, write one uint8 file per
 scan, then the manifest with patient-level splits and the QA report.  Rejected inputs never
 stop the run; re-running on the same cache reuses what is there and keeps earlier scans.
+
+A scan is reused only when its file is whole (its size and sha256 as recorded when it was
+written, common/scan_index.py); a damaged one is prepared again, and the summary says how
+many were.  Ctrl-C stops with one line; the scans finished by then are recorded, so the
+rerun resumes from them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +29,6 @@ from common.cache import (
     CacheError,
     read_manifest,
     read_settings,
-    scan_path,
     write_manifest,
     write_scan,
     write_settings,
@@ -36,6 +41,7 @@ from common.labels import LabelsError, LabelTable
 from common.normalize import parse_normalization, to_cache_pixels
 from common.pseudonym import load_or_create_salt, pseudonym
 from common.qa import QACollector, plural, print_summary, scan_hu_counts
+from common.scan_index import ScanIndex, ScanRecord
 from common.selection import middle_slices
 from common.splits import assign_splits, parse_fractions
 
@@ -65,6 +71,16 @@ class PrepareResult:
     reused: int
     seconds: float
     ignored: list[Ignored] = field(default_factory=list)  # files that are not inputs
+    regenerated: int = 0  # reused scans whose file was damaged, prepared again
+
+
+class PrepareInterrupted(Exception):
+    """Ctrl-C: ``done`` of ``pending`` conversions finished and are kept for the rerun."""
+
+    def __init__(self, done: int, pending: int) -> None:
+        super().__init__(f"{done} of {pending}")
+        self.done = done
+        self.pending = pending
 
 
 # Set in the parent before forking workers, so scans (with their open readers) need no pickling.
@@ -72,7 +88,7 @@ _PENDING: list[tuple[Scan, dict[str, Any]]] = []
 _JOB: dict[str, Any] = {}
 
 
-def _convert(index: int) -> dict[str, Any] | Rejection:
+def _convert(index: int) -> tuple[dict[str, Any], ScanRecord] | Rejection:
     scan, row = _PENDING[index]
     start, stop = row["selected_start"], row["selected_start"] + row["n_slices_selected"]
     try:
@@ -81,8 +97,8 @@ def _convert(index: int) -> dict[str, Any] | Rejection:
     except ScanLoadError as exc:  # the whole scan is rejected: all its files
         failed = exc.rejection
         return Rejection(failed.path, failed.reason, failed.detail, scan.files)
-    write_scan(_JOB["cache"], row["scan_id"], pixels)
-    return {**row, **scan_hu_counts(scan, hu)}
+    blob = write_scan(_JOB["cache"], row["scan_id"], pixels)
+    return {**row, **scan_hu_counts(scan, hu)}, ScanRecord.of_blob(row["scan_id"], blob)
 
 
 def _row_for(
@@ -140,10 +156,11 @@ def prepare(
                 + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatch.items())
                 + "; use a new --out folder"
             )
-    has_manifest = (cache_dir / "manifest.csv").exists()
-    existing = {row["scan_id"]: row for row in read_manifest(cache_dir)} if has_manifest else {}
+    existing = _existing_rows(cache_dir)
     salt = load_or_create_salt(cache_dir)
     write_settings(cache_dir, cfg.cache_settings())
+    index = ScanIndex(cache_dir)
+    damaged = 0
 
     rejections: list[Rejection] = []
     pending: list[tuple[Scan, dict[str, Any]]] = []
@@ -175,22 +192,38 @@ def prepare(
         row = _row_for(item, label, global_class, salt, cfg)
         split_keys[row["patient_id"]] = item.patient_key
         collected.add_scan(item, row)
-        if row["scan_id"] in existing and scan_path(cache_dir, row["scan_id"]).exists():
-            rows[row["scan_id"]] = {**existing[row["scan_id"]], **row}
+        problem = index.problem(row["scan_id"])
+        if problem is None:
+            index.adopt(row["scan_id"])
+            rows[row["scan_id"]] = {**existing.get(row["scan_id"], {}), **row}
             reused += 1
         else:
+            damaged += problem != "missing"
             pending.append((item, row))
+    if damaged:
+        console.print(
+            f"[yellow]warning:[/yellow] {damaged} cached scans are damaged (truncated, or "
+            "another checksum than when written): preparing them again",
+            highlight=False,
+        )
 
     _PENDING[:] = pending
     _JOB.update(norm=norm, cache=cache_dir, size=cfg.size)
+    done = 0
     try:
         for result in _run_conversions(len(pending), cfg.workers, progress):
             if isinstance(result, Rejection):
                 rejections.append(result)
             else:
-                rows[result["scan_id"]] = collected.add_converted(result)
+                row, record = result
+                index.append(record)
+                rows[row["scan_id"]] = collected.add_converted(row)
+            done += 1
+    except KeyboardInterrupt:
+        raise PrepareInterrupted(done, len(pending)) from None
     finally:
         _PENDING.clear()
+        _remove_temporaries(cache_dir)
 
     ordered = sorted(rows.values(), key=lambda r: r["scan_id"])
     splits = assign_splits(
@@ -202,9 +235,33 @@ def prepare(
     for row, split in zip(ordered, splits, strict=True):
         row["split"] = split
     write_manifest(cache_dir, ordered)
+    index.compact({row["scan_id"] for row in ordered})
     seconds = time.perf_counter() - began
     collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
-    return PrepareResult(ordered, rejections, reused, seconds, collected.ignored)
+    return PrepareResult(ordered, rejections, reused, seconds, collected.ignored, damaged)
+
+
+def _existing_rows(cache_dir: Path) -> dict[str, dict[str, str]]:
+    """The rows of the cache's manifest; none (with a warning) when it is damaged, since the
+    rerun writes it anew from the input."""
+    if not (cache_dir / "manifest.csv").exists():
+        return {}
+    try:
+        return {row["scan_id"]: row for row in read_manifest(cache_dir)}
+    except CacheError as exc:
+        console.print(f"[yellow]warning:[/yellow] {exc}: writing it anew from this input")
+        return {}
+
+
+def _remove_temporaries(cache_dir: Path) -> None:
+    """Half-written scans of workers stopped by Ctrl-C (atomic_open's temporary names)."""
+    for tmp in (cache_dir / "scans").glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them and keeps what they finished."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_conversions(count: int, workers: int, progress: bool):
@@ -217,7 +274,8 @@ def _run_conversions(count: int, workers: int, progress: bool):
                 bar.advance(task)
                 yield result
             return
-        with multiprocessing.get_context("fork").Pool(min(workers, count)) as pool:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, count), initializer=_ignore_sigint) as pool:
             for result in pool.imap_unordered(_convert, range(count)):
                 bar.advance(task)
                 yield result
@@ -291,11 +349,22 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, CacheError, LabelsError, LabelMapError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except PrepareInterrupted as stop:
+        console.print(
+            f"interrupted: {stop.done} of {stop.pending} scans to convert were finished and are "
+            f"kept in {args.out}; run the same command again to resume",
+            highlight=False,
+        )
+        return 130
+    except KeyboardInterrupt:
+        console.print("interrupted before any scan was converted; run the same command again")
+        return 130
     print_summary(args.out, out)
     usable = len(result.rows)
     files = sum(len(r.files) for r in result.rejections)
+    again = f", {result.regenerated} damaged ones prepared again" if result.regenerated else ""
     out.print(
-        f"prepared {plural(usable, 'scan')} ({result.reused} reused), rejected "
+        f"prepared {plural(usable, 'scan')} ({result.reused} reused{again}), rejected "
         f"{plural(len(result.rejections), 'input')} ({plural(files, 'file')}), ignored "
         f"{plural(len(result.ignored), 'file')} in {result.seconds:.1f} s → {args.out}; "
         f"details in {Path(args.out) / 'qa.html'}",

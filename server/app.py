@@ -1,8 +1,8 @@
-"""The coordinator's Flower ServerApp: settings from the run config, a fresh or resumed run,
-the rounds of :mod:`server.rounds`, then the cross-site validation of :mod:`server.crosssite`.
-Each round also logs its progress line (server/progress.py) and writes TensorBoard events
-(server/tensorboard_log.py); the run directory records the Flower run id.
-See docs/federated.md."""
+"""The coordinator's Flower ServerApp: settings from the run config, the run directory's lock,
+a fresh or resumed run, the rounds of :mod:`server.rounds`, then the cross-site validation of
+:mod:`server.crosssite`.  Each round also logs its progress line (server/progress.py) and
+writes TensorBoard events (server/tensorboard_log.py); the run directory records the Flower
+run id.  See docs/federated.md."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from server.checkpoints import RunDirectory
 from server.crosssite import cross_site_validation
 from server.global_model import GlobalModel
 from server.progress import ProgressLine
+from server.roster import Roster
 from server.rounds import Federation
+from server.run_lock import RunLock
 from server.settings import ServerSettings
 from server.strategies import build_strategy, restore_strategy_state
+from server.superlink_outage import superlink_outage
 from server.tensorboard_log import TensorBoardLog
 
 app = ServerApp()
@@ -29,22 +32,37 @@ app = ServerApp()
 
 def _open_run(
     settings: ServerSettings, run_dir: RunDirectory, model: GlobalModel, strategy: Strategy
-) -> tuple[str, int]:
-    """(run key, first round): a new run starts at round 0 (the initial model); a resumed
-    one loads the last checkpoint's weights and optimiser state and goes on after it."""
+) -> tuple[str, int, Roster]:
+    """(run key, first round, the sites' names so far): a new run starts at round 0 (the
+    initial model); a resumed one repairs what a crash left (server/checkpoints.py), loads
+    the last checkpoint's weights and optimiser state and goes on after it."""
     if settings.resume_from is None:
-        return run_dir.claim(), 0
+        return run_dir.claim(), 0, Roster()
+    for note in run_dir.recover(settings.best_metric):
+        log(WARNING, "%s", note)
     checkpoint = run_dir.load_latest()
     model.load_full_state(checkpoint.arrays)
     restore_strategy_state(strategy, checkpoint.strategy_state)
     log(INFO, "resuming %s after round %d", run_dir.path, checkpoint.round)
-    return run_dir.run_key(), checkpoint.round + 1
+    card = run_dir.read_json(run_dir.card_path(checkpoint.round).name) or {}
+    return run_dir.run_key(), checkpoint.round + 1, Roster.from_card(card)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run (or resume) the federation described by the run config."""
+    """Run (or resume) the federation described by the run config, holding the run
+    directory's lock throughout (server/run_lock.py)."""
     settings = ServerSettings.from_run_config(context.run_config)
+    with (
+        superlink_outage(grid, settings.superlink_grace, settings.run_dir),
+        RunLock(settings.run_dir, str(context.run_id)) as lock,
+    ):
+        if lock.took_over:
+            log(WARNING, "%s", lock.took_over)
+        _run(grid, context, settings, RunDirectory(settings.run_dir, guard=lock.check))
+
+
+def _run(grid: Grid, context: Context, settings: ServerSettings, run_dir: RunDirectory) -> None:
     model = GlobalModel(settings.model, settings.seed)
     strategy = build_strategy(
         settings.strategy,
@@ -56,8 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         client_lr=settings.training.lr,
         statistics_keys=model.statistics_keys(),
     )
-    run_dir = RunDirectory(settings.run_dir)
-    run_key, first_round = _open_run(settings, run_dir, model, strategy)
+    run_key, first_round, roster = _open_run(settings, run_dir, model, strategy)
     run_dir.write_json(
         "run_config.json",
         {
@@ -70,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "run directory: %s", run_dir.path)
     evaluator = CentralEvaluator.for_run(model, settings)
     federation = Federation(
-        grid, strategy, settings, run_dir, model, evaluator, context.run_config, run_key
+        grid, strategy, settings, run_dir, model, evaluator, context.run_config, run_key, roster
     )
     federation.card_extras = {
         "run": {"run_key": run_key, "flower_run_id": context.run_id},

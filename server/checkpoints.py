@@ -11,9 +11,13 @@ Layout::
     best.json                        the round with the best value of the configured metric
     latest.json                      the last complete round; written last, so a crash at any
                                      point leaves it naming a checkpoint that is whole
+    run.lock                         the coordinator writing here (server/run_lock.py)
 
-Every file is written to a temporary name and renamed.  Non-finite metric values are
-written as ``null`` so that the JSON stays standard.
+Every file is written to a temporary name, forced to disk and renamed; a metrics line is
+appended and forced to disk before ``best.json`` and ``latest.json`` move.  A crash at any
+point of a round's bookkeeping leaves at worst files of a round after ``latest.json``, which
+:meth:`RunDirectory.recover` drops on resume (a torn last metrics line included).  Non-finite
+metric values are written as ``null`` so that the JSON stays standard.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +54,24 @@ def _stem(server_round: int) -> str:
     return f"round_{server_round:03d}"
 
 
-class RunDirectory:
-    """Reads and writes one run directory (see the module docstring for its layout)."""
+def best_value(line: dict[str, Any], metric: str) -> float | None:
+    """A round's value of ``metric``: the federated evaluation's, else the central one's."""
+    return line.get("federated", {}).get(metric, line.get("central", {}).get(metric))
 
-    def __init__(self, path: Path) -> None:
+
+class RunDirectory:
+    """Reads and writes one run directory (see the module docstring for its layout).
+
+    ``guard`` is called before every write (the coordinator's :meth:`RunLock.check`).
+    """
+
+    def __init__(self, path: Path, guard: Callable[[], None] | None = None) -> None:
         self.path = Path(path)
+        self.guard = guard
+
+    def _writing(self) -> None:
+        if self.guard is not None:
+            self.guard()
 
     def weights_path(self, server_round: int) -> Path:
         return self.path / f"{_stem(server_round)}.safetensors"
@@ -64,7 +83,8 @@ class RunDirectory:
         return self.path / f"{_stem(server_round)}.strategy.safetensors"
 
     def write_json(self, name: str, content: dict[str, Any]) -> None:
-        with atomic_open(self.path / name) as handle:
+        self._writing()
+        with atomic_open(self.path / name, durable=True) as handle:
             json.dump(jsonable(content), handle, indent=2, sort_keys=True)
             handle.write("\n")
 
@@ -94,6 +114,11 @@ class RunDirectory:
             raise CheckpointError(f"{self.path}: run_config.json lacks the run key")
         return str(recorded["run_key"])
 
+    def _write_bytes(self, path: Path, blob: bytes) -> None:
+        self._writing()
+        with atomic_open(path, "wb", durable=True) as handle:
+            handle.write(blob)
+
     def save_round(
         self,
         server_round: int,
@@ -101,42 +126,129 @@ class RunDirectory:
         card: dict[str, Any],
         metrics: dict[str, Any],
         strategy_state: dict[str, np.ndarray],
+        best_metric: str | None = None,
     ) -> str:
-        """Write the round's weights, card, optimiser state and metrics line; move ``latest``.
+        """Write the round's weights, card, optimiser state and metrics line, then move
+        ``best`` (by ``best_metric``, when given) and last ``latest``.
 
         Returns the sha256 of the weights file, which the card records.
         """
         blob = save({k: np.asarray(v, order="C") for k, v in arrays.items()})
         digest = hashlib.sha256(blob).hexdigest()
-        with atomic_open(self.weights_path(server_round), "wb") as handle:
-            handle.write(blob)
+        self._write_bytes(self.weights_path(server_round), blob)
         checkpoint = self.weights_path(server_round).name
         self.write_json(
             self.card_path(server_round).name,
             {**card, "round": server_round, "checkpoint": checkpoint, "sha256": digest},
         )
         if strategy_state:
-            with atomic_open(self.strategy_path(server_round), "wb") as handle:
-                handle.write(save(strategy_state))
+            self._write_bytes(self.strategy_path(server_round), save(strategy_state))
+        line = {"round": server_round, **metrics}
         self.truncate_metrics(server_round - 1)
+        self._writing()
         with open(self.path / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(jsonable({"round": server_round, **metrics})) + "\n")
-        self.write_json("latest.json", {"round": server_round, "checkpoint": checkpoint})
+            handle.write(json.dumps(jsonable(line)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if best_metric is not None:
+            self.update_best(server_round, best_metric, best_value(line, best_metric))
+        self._point_latest(server_round)
         return digest
 
-    def metrics(self) -> list[dict[str, Any]]:
+    def _point_latest(self, server_round: int) -> None:
+        checkpoint = self.weights_path(server_round).name
+        self.write_json("latest.json", {"round": server_round, "checkpoint": checkpoint})
+
+    def _metric_lines(self) -> tuple[list[dict[str, Any]], bool]:
+        """The parsed metrics lines, and whether a torn last line was left out.  A damaged
+        line elsewhere is a :class:`CheckpointError` naming it."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return [], False
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        parsed = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if number == len(lines) and not text.endswith("\n"):
+                    return parsed, True
+                raise CheckpointError(f"{path}: line {number} is not JSON ({exc})") from exc
+        return parsed, False
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """One dict per round (a torn last line, being written or cut by a crash, left out)."""
+        return self._metric_lines()[0]
+
+    def _rewrite_metrics(self, lines: list[dict[str, Any]]) -> None:
+        self._writing()
+        with atomic_open(self.path / "metrics.jsonl", durable=True) as handle:
+            handle.writelines(json.dumps(line) + "\n" for line in lines)
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop metrics lines of rounds after ``last_round`` (left by an interrupted round)."""
-        lines = self.metrics()
+        lines, torn = self._metric_lines()
         kept = [line for line in lines if line["round"] <= last_round]
-        if len(kept) != len(lines):
-            with atomic_open(self.path / "metrics.jsonl") as handle:
-                handle.writelines(json.dumps(line) + "\n" for line in kept)
+        if torn or len(kept) != len(lines):
+            self._rewrite_metrics(kept)
+
+    def recover(self, best_metric: str) -> list[str]:
+        """Make the directory resumable after a crash at any point of a round's bookkeeping;
+        returns what was repaired (one warning each).
+
+        Drops a torn last metrics line, metrics lines of rounds after ``latest.json`` and
+        temporary files; keeps one line per round; steps ``latest.json`` back to the last
+        round that has its metrics line; and points ``best.json`` at the best of the rounds
+        that remain when it named a dropped round.
+        """
+        notes: list[str] = []
+        for tmp in self.path.glob(".*.tmp"):
+            self._writing()
+            tmp.unlink(missing_ok=True)
+        latest = self.read_json("latest.json")
+        if latest is None:
+            raise CheckpointError(f"{self.path}: no latest.json; nothing to resume from")
+        last = int(latest["round"])
+        lines, torn = self._metric_lines()
+        metrics_path = self.path / "metrics.jsonl"
+        if torn:
+            notes.append(
+                f"{metrics_path}: its last line was cut short (a crash while it was written); "
+                "dropped it"
+            )
+        by_round = {int(line["round"]): line for line in lines if int(line["round"]) <= last}
+        dropped = sorted({int(line["round"]) for line in lines} - set(by_round))
+        if dropped:
+            notes.append(
+                f"{metrics_path}: dropped the lines of round(s) {dropped}, after the last "
+                f"complete round {last}"
+            )
+        complete = [r for r in sorted(by_round) if self.weights_path(r).is_file()]
+        if last not in complete:
+            if not complete:
+                raise CheckpointError(f"{metrics_path}: no round has both metrics and weights")
+            notes.append(
+                f"{metrics_path}: round {last} has no metrics line; resuming after round "
+                f"{complete[-1]} instead"
+            )
+            last = complete[-1]
+        kept = [by_round[r] for r in sorted(by_round) if r <= last]
+        if torn or len(kept) != len(lines):
+            self._rewrite_metrics(kept)
+        if last != int(latest["round"]):
+            self.write_json(
+                "latest.json", {"round": last, "checkpoint": self.weights_path(last).name}
+            )
+        best = self.read_json("best.json")
+        if best is not None and int(best.get("round", -1)) > last:
+            (self.path / "best.json").unlink()
+            for line in kept:
+                self.update_best(int(line["round"]), best_metric, best_value(line, best_metric))
+            notes.append(f"{self.path / 'best.json'}: named a dropped round; chosen again")
+        return notes
 
     def update_best(self, server_round: int, metric: str, value: float | None) -> bool:
         """Point ``best.json`` at this round when ``value`` beats the best so far.

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 
 from server.report import CROSS_SITE, CROSS_SITE_METRICS
+from server.robust import split_replies
 from server.rounds import Federation, reply_metrics, site_name
 
 GLOBAL = "global"
@@ -122,19 +123,19 @@ def cross_site_validation(federation: Federation, global_arrays: ArrayRecord) ->
             _message(federation, models[m], global_config if m == GLOBAL else local_config, node)
             for node, m in batch
         ]
-        replies, _, _ = federation.exchange(messages)
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(
-                    WARNING,
-                    "cross-site: node %d failed on model %s: %s",
-                    node,
-                    model_of[node],
-                    reply.error.reason,
-                )
-            else:
-                cells[site_name(reply), model_of[node]] = reply_metrics(reply)
+        collected, _, _ = federation.exchange(messages)
+        ok, failed = split_replies(collected.replies)
+        for failure in federation.failures(collected, failed):
+            node = failure["node_id"]
+            log(
+                WARNING,
+                "cross-site: %s on model %s: %s",
+                failure["site"],
+                model_of[node],
+                failure["reason"],
+            )
+        for reply in ok:
+            cells[site_name(reply), model_of[collected.node(reply)]] = reply_metrics(reply)
     if not cells:
         log(WARNING, "cross-site validation: no site answered; %s not written", CROSS_SITE)
         return

@@ -3,11 +3,12 @@
 Flower 1.41's ``Strategy.start`` always runs rounds 1..N, so it cannot resume at round k+1.
 This loop calls the same four hooks (configure/aggregate train, configure/aggregate
 evaluate) with the real round numbers and adds what ``start`` lacks: a deadline for nodes to
-connect, a minimum of successful train replies, weights that travel in ``transport-dtype``
-but are aggregated in the model's own dtypes, a COVID-19 operating point chosen on the
-sites' pooled tune histograms, and a checkpoint + model card every round.  For the
-cross-site validation at the end of a run (server/crosssite.py) it keeps each site's last
-trained weights.
+connect, a straggler deadline for replies (server/replies.py), a minimum of successful train
+replies, weights that travel in ``transport-dtype`` but are aggregated in the model's own
+dtypes, a COVID-19 operating point chosen on the sites' pooled tune histograms, and a
+checkpoint + model card every round that names every site's part in it (server/roster.py).
+For the cross-site validation at the end of a run (server/crosssite.py) it keeps each site's
+last trained weights.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
 from server.global_model import GlobalModel
 from server.operating_point_fl import federated_operating_point
+from server.replies import Collected, collect
 from server.robust import shortfall, split_replies, wait_for_nodes
+from server.roster import Roster, site_name
 from server.settings import ServerSettings
 from server.strategies import WEIGHT_KEY, strategy_state
 
@@ -41,24 +44,9 @@ from server.strategies import WEIGHT_KEY, strategy_state
 RoundObserver = Callable[[int, dict[str, Any], dict[str, Any]], None]
 
 
-def site_name(reply: Message) -> str:
-    """The site a reply came from: its ``site`` ConfigRecord, else its node id."""
-    record = reply.content.config_records.get("site")
-    return str(record["name"]) if record else f"node-{reply.metadata.src_node_id}"
-
-
 def reply_metrics(reply: Message) -> dict[str, Any]:
     """The one MetricRecord of a successful reply, as a dict."""
     return dict(next(iter(reply.content.metric_records.values())))
-
-
-def _failures(failed: list[Message], sent: int, received: int) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [
-        {"node_id": reply.metadata.src_node_id, "reason": reply.error.reason} for reply in failed
-    ]
-    if received < sent:
-        out.append({"node_id": None, "reason": f"{sent - received} node(s) sent no reply in time"})
-    return out
 
 
 @dataclass(frozen=True)
@@ -83,6 +71,7 @@ class Federation:
         evaluator: CentralEvaluator,
         run_config: UserConfig,
         run_key: str,
+        roster: Roster | None = None,
     ) -> None:
         self.grid = grid
         self.strategy = strategy
@@ -96,6 +85,7 @@ class Federation:
         self.dtypes = dtypes_of(initial)
         self.layout = Layout.of(initial)
         self.local_models: dict[str, LocalModel] = {}
+        self.roster = roster or Roster()
         self.observers: list[RoundObserver] = []
         self.card_extras: dict[str, Any] = {}  # e.g. the Flower run id and software versions
 
@@ -109,16 +99,25 @@ class Federation:
             started = time.monotonic()
             log(INFO, "[ROUND %d/%d]", server_round, self.settings.num_rounds)
             wait_for_nodes(self.grid, self.settings.min_nodes, self.settings.node_wait_timeout)
+            connected = self.roster.connected(self.grid)
             arrays, train = self._train(server_round, arrays)
             evaluation, operating_point = self._evaluate(server_round, arrays)
+            train["sites"] = self.roster.round_sites(
+                connected,
+                train.pop("sampled"),
+                [p["site"] for p in train["participants"]],
+                {"train": train["failures"], "evaluate": evaluation["failures"]},
+            )
             self._record(server_round, arrays, train, evaluation, started, operating_point)
         return arrays
 
-    def exchange(self, messages: Iterable[Message]) -> tuple[list[Message], int, int]:
+    def exchange(self, messages: Iterable[Message]) -> tuple[Collected, int, int]:
         """Send ``messages`` with their arrays packed in the transport dtype and the layout's
-        fingerprint in their config (common/transport.py).
+        fingerprint in their config (common/transport.py), and collect the replies up to the
+        straggler deadline (server/replies.py).
 
-        Returns the replies, the number of messages sent and the bytes of arrays sent.
+        Returns the replies collected, the number of messages sent and the bytes of arrays
+        sent.
         """
         messages = list(messages)
         key = self.strategy.arrayrecord_key
@@ -133,15 +132,30 @@ class Federation:
             message.content[key] = packed[id(record)]
             message.content[self.strategy.configrecord_key][LAYOUT_KEY] = self.layout.fingerprint
         sent_bytes = sum(payload_bytes(packed[id(record)]) for record in records)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
-        return replies, len(messages), sent_bytes
+        collected = collect(
+            self.grid,
+            messages,
+            timeout=self.settings.round_timeout,
+            minimum=self.settings.min_train_replies,
+            factor=self.settings.straggler_factor,
+        )
+        for reply in collected.replies:
+            self.roster.learn_from(collected.node(reply), reply)
+        return collected, len(messages), sent_bytes
+
+    def failures(self, collected: Collected, failed: list[Message]) -> list[dict[str, Any]]:
+        """Every node of an exchange that failed or sent no reply, named, with the reason."""
+        return [
+            *(self.roster.failure(collected.node(r), r.error.reason) for r in failed),
+            *(self.roster.failure(node, why) for node, why in sorted(collected.missing.items())),
+        ]
 
     def _train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         phase_started = time.monotonic()
         config = self.settings.train_config(self.run_key, server_round)
-        messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-        replies, sent, down_bytes = self.exchange(messages)
-        ok, failed = split_replies(replies)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        collected, sent, down_bytes = self.exchange(messages)
+        ok, failed = split_replies(collected.replies)
         # Replies come in arrival order; float sums in a fixed order keep a seeded run
         # reproducible (one ulp of difference grows over the rounds).
         ok.sort(key=site_name)
@@ -158,7 +172,7 @@ class Federation:
                     site_name(reply),
                     exc,
                 )
-                rejected.append({"node_id": reply.metadata.src_node_id, "reason": str(exc)})
+                rejected.append(self.roster.failure(collected.node(reply), str(exc)))
                 continue
             metrics = reply_metrics(reply)
             participants.append(
@@ -187,7 +201,9 @@ class Federation:
             aggregated = dict(metrics or {})
         return arrays, {
             "participants": participants,
-            "failures": _failures(failed, sent, len(replies)) + rejected,
+            "failures": self.failures(collected, failed) + rejected,
+            "sampled": [message.metadata.dst_node_id for message in messages],
+            "reply-seconds": {self.roster.name(n): t for n, t in collected.seconds.items()},
             "kept_previous_model": reason,
             "aggregated": aggregated,
             "download-bytes": down_bytes,
@@ -201,8 +217,8 @@ class Federation:
         """Federated evaluation, and the operating point chosen on the replies' histograms."""
         config = self.settings.evaluate_config(self.run_key)
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
-        replies, sent, _ = self.exchange(messages)
-        ok, failed = split_replies(replies)
+        collected, _, _ = self.exchange(messages)
+        ok, failed = split_replies(collected.replies)
         ok.sort(key=site_name)
         operating_point = federated_operating_point(
             ok, self.settings.operating_point_rule, self.settings.operating_point_min_specificity
@@ -210,7 +226,7 @@ class Federation:
         aggregated = self.strategy.aggregate_evaluate(server_round, ok + failed)
         evaluation = {
             "sites": [{"site": site_name(reply), "metrics": reply_metrics(reply)} for reply in ok],
-            "failures": _failures(failed, sent, len(replies)),
+            "failures": self.failures(collected, failed),
             "aggregated": dict(aggregated or {}),
         }
         return evaluation, operating_point
@@ -246,6 +262,7 @@ class Federation:
             "seconds": round(time.monotonic() - started, 3),
             "sites": {p["site"]: p["num-examples"] for p in train.get("participants", [])},
             "failures": len(train.get("failures", [])),
+            "failed_sites": sorted({f["site"] for f in train.get("sites", {}).get("failed", [])}),
             "kept_previous_model": train.get("kept_previous_model"),
             "download-bytes": train.get("download-bytes", 0),
             "upload-bytes": train.get("upload-bytes", 0),
@@ -254,13 +271,24 @@ class Federation:
             "federated": federated,
             "central": central,
         }
-        self.run_dir.save_round(
-            server_round, self.model.full_state(), card, line, strategy_state(self.strategy)
-        )
         metric = self.settings.best_metric
-        value = federated.get(metric, central.get(metric))
-        if self.run_dir.update_best(server_round, metric, value):
-            log(INFO, "round %d is the best so far by %s = %.4f", server_round, metric, value)
+        self.run_dir.save_round(
+            server_round,
+            self.model.full_state(),
+            card,
+            line,
+            strategy_state(self.strategy),
+            best_metric=metric,
+        )
+        best = self.run_dir.read_json("best.json") or {}
+        if best.get("round") == server_round:
+            log(
+                INFO,
+                "round %d is the best so far by %s = %.4f",
+                server_round,
+                metric,
+                best["value"],
+            )
         log(INFO, "round %d checkpointed in %s", server_round, self.run_dir.path)
         for observe in self.observers:
             observe(server_round, card, line)

@@ -17,10 +17,11 @@ from typing import Any
 
 from flwr.app import ConfigRecord, UserConfig
 
-from common.cache import CacheError, check_run_settings
+from common.cache import CacheError
 from common.model import ModelConfig
 from common.operating_point_hist import BINS_KEY, HIST_BINS, HIST_RULES
 from common.privacy import DPSettings
+from common.scan_index import verify_cache
 from common.training import TrainConfig
 from common.transport import TRANSPORT_DTYPES
 from common.weights import WeightsError, check_weights_available, weights_spec
@@ -38,6 +39,33 @@ def app_defaults() -> dict[str, Any]:
 
 class SettingsError(ValueError):
     """The run config is incomplete or holds an invalid value."""
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "a whole number"
+    return "a number" if isinstance(value, float) else "a string"
+
+
+def check_types(run_config: UserConfig, defaults: dict[str, Any]) -> None:
+    """Refuse a run-config value of another type than its default's (``lr = "abc"``),
+    naming the key; an int is taken where a float is expected."""
+    for key, default in defaults.items():
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        fits = (
+            isinstance(value, bool)
+            if isinstance(default, bool)
+            else not isinstance(value, bool)
+            and isinstance(value, (int, float) if isinstance(default, float) else type(default))
+        )
+        if not fits:
+            raise SettingsError(
+                f"run config: {key} = {value!r} must be {_kind(default)} (default {default!r})"
+            )
 
 
 def _get(run_config: UserConfig, key: str) -> Any:
@@ -96,6 +124,8 @@ class ServerSettings:
     privacy: DPSettings
     train_max_slices: int
     lr_schedule: str
+    straggler_factor: float
+    superlink_grace: float
 
     @classmethod
     def from_run_config(cls, run_config: UserConfig) -> ServerSettings:
@@ -104,6 +134,7 @@ class ServerSettings:
         def get(key: str) -> Any:
             return _get(run_config, key)
 
+        check_types(run_config, app_defaults())
         try:
             model = ModelConfig(
                 backbone=str(get("backbone")),
@@ -158,11 +189,13 @@ class ServerSettings:
             privacy=privacy,
             train_max_slices=int(get("train-max-slices")),
             lr_schedule=str(get("lr-schedule")).strip().lower(),
+            straggler_factor=float(get("straggler-factor")),
+            superlink_grace=float(get("superlink-grace")),
         )
         settings.check()
         for cache in settings.external_caches.values():
             try:
-                check_run_settings(cache, run_config)
+                verify_cache(cache, run_config)
             except CacheError as exc:
                 raise SettingsError(f"external cache: {exc}") from exc
         return settings
@@ -200,6 +233,10 @@ class ServerSettings:
             problems.append(f"operating-point-rule must be one of {', '.join(HIST_RULES)}")
         if not 0.0 <= self.operating_point_min_specificity <= 1.0:
             problems.append("operating-point-min-specificity must be in [0, 1]")
+        if not (self.straggler_factor == 0 or self.straggler_factor >= 1):
+            problems.append("straggler-factor must be 0 (off) or at least 1")
+        if self.superlink_grace <= 0:
+            problems.append("superlink-grace must be positive")
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
 

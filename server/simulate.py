@@ -8,6 +8,10 @@ RUN_DIR/flower.log (server/flower_console.py; ``--verbose`` shows it too), print
 table and the next commands (server/run_summary.py), and stops the background SuperLink,
 SuperExec and simulation processes that ``flwr run`` leaves behind.  The Flower home is kept
 in RUN_DIR/flower, so that ``fedct flwr RUN_DIR ls`` / ``log`` show Flower's record of it.
+
+The run is checked before Flower starts (server/preflight.py).  ``fedct simulate`` exits 0
+only when Flower reports the run completed and every round is checkpointed; otherwise its
+last line says why.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +36,7 @@ from typing import Any
 from common.console import err
 from common.weights import weights_spec
 from server.flower_console import failure_excerpt, run_flower
+from server.preflight import PreflightError, check_before_launch, unknown_key
 from server.run_summary import print_run_summary, run_finished
 from server.settings import parse_external_caches
 
@@ -102,8 +108,14 @@ def build_run_config(config: Path | None, assignments: list[str]) -> dict[str, A
     ``runs/<timestamp>`` here."""
     overrides: dict[str, Any] = {}
     if config is not None:
-        with open(config, "rb") as handle:
-            overrides.update(tomllib.load(handle))
+        try:
+            with open(config, "rb") as handle:
+                overrides.update(tomllib.load(handle))
+        except tomllib.TOMLDecodeError as exc:
+            raise SimulateError(f"{config}: not valid TOML ({exc})") from None
+        for key in overrides:
+            if problem := unknown_key(key, str(config)):
+                raise SimulateError(problem)
     return resolve_paths(apply_assignments(overrides, assignments))
 
 
@@ -114,6 +126,8 @@ def apply_assignments(overrides: dict[str, Any], assignments: list[str]) -> dict
         key, sep, value = assignment.partition("=")
         if not sep:
             raise SimulateError(f"--set {assignment!r}: expected KEY=VALUE")
+        if problem := unknown_key(key.strip(), f"--set {assignment}"):
+            raise SimulateError(problem)
         overrides[key.strip()] = _parse_value(value.strip())
     return overrides
 
@@ -304,11 +318,18 @@ def simulate(
     verbose: bool = False,
     summary: bool = True,
 ) -> int:
-    """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when every
-    round was checkpointed.  ``flwr_home`` defaults to RUN_DIR/flower; ``summary=False``
-    leaves the closing table and next commands (:func:`print_run_summary`) to the caller."""
+    """Run the federation of ``overrides`` (from :func:`build_run_config`); 0 when Flower
+    reports the run completed and every round was checkpointed, 2 when the run cannot start
+    (nothing is written), 1 when it failed (the last line says why).  ``flwr_home`` defaults
+    to RUN_DIR/flower; ``summary=False`` leaves the closing table and next commands
+    (:func:`print_run_summary`) to the caller."""
     run_dir = Path(overrides.get("resume-from") or overrides["run-dir"])
     sites = overrides["site-caches"].split(",")
+    try:
+        check_before_launch(overrides)
+    except PreflightError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
     log_path = run_dir / FLOWER_LOG
     with local_flower(flwr_home or run_dir / FLOWER_HOME) as (home, env):
         run_config_file = write_run_config(home / "run-config.toml", overrides)
@@ -328,17 +349,40 @@ def simulate(
                 highlight=False,
             ),
         )
+        status, details = run_status(env)
         shutil.rmtree(home / "apps", ignore_errors=True)  # a copy of the app, not needed after
     finished = print_run_summary(run_dir) if summary else run_finished(run_dir)
-    if flower.returncode != 0 or not finished:
+    if flower.returncode != 0 or not finished or status != "finished:completed":
         for line in failure_excerpt(log_path):
             console.print(line, markup=False, highlight=False)
+        reason = details or ("not every round was checkpointed" if not finished else "")
         console.print(
-            f"[red]the run did not finish[/red]; Flower's whole output is in {log_path}",
+            f"[red]error:[/red] the run ended {status}: {reason or 'see the log'}; Flower's "
+            f"whole output is in {log_path}",
             highlight=False,
         )
         return 1
     return 0
+
+
+def run_status(env: dict[str, str]) -> tuple[str, str]:
+    """(status, details) of the last run of this Flower home, as ``flwr ls`` reports it
+    (``finished:completed``, ``finished:failed`` with the ServerApp's exception, ...)."""
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "ls", "local", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        runs = json.loads(listed.stdout)["runs"]
+    except (ValueError, KeyError):
+        return "unknown", f"flwr ls failed: {(listed.stdout + listed.stderr).strip()[-300:]}"
+    if not runs:
+        return "unknown", "flwr ls lists no run"
+    last = max(runs, key=lambda run: run.get("pending-at") or "")
+    return str(last["status"]), " ".join(str(last.get("status-details") or "").split())
 
 
 def run(args: argparse.Namespace) -> int:

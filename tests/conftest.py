@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 class FakeGrid(Grid):
     """Delivers messages to a ClientApp in-process, one node per site config.
 
-    A handler that raises becomes an error reply, as on a real SuperNode.
+    A handler that raises becomes an error reply, as on a real SuperNode.  Nodes in
+    ``silent`` are connected but never reply (a dead ClientApp behind a live SuperNode).
     """
 
     def __init__(self, app: Any, node_configs: list[dict[str, Any]], run_config: dict) -> None:
@@ -120,6 +122,8 @@ class FakeGrid(Grid):
             for node_id, config in enumerate(node_configs, start=10)
         }
         self.sent: list[Message] = []
+        self.silent: set[int] = set()
+        self._replies: dict[str, Message] = {}
 
     def set_run(self, run: Any) -> None:
         raise NotImplementedError
@@ -135,23 +139,29 @@ class FakeGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
+        ids = []
+        for message in messages:
+            self.sent.append(message)
+            message.metadata.__dict__["_message_id"] = message_id = uuid.uuid4().hex
+            ids.append(message_id)
+            if message.metadata.dst_node_id not in self.silent:
+                self._replies[message_id] = self._handle(message)
+        return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[str]:
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def _handle(self, message: Message) -> Message:
+        try:
+            return self.app(message, self.contexts[message.metadata.dst_node_id])
+        except Exception as exc:  # any handler failure becomes an error reply
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc))
+            return Message(error, reply_to=message)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            try:
-                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
-            except Exception as exc:  # any handler failure becomes an error reply
-                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc))
-                replies.append(Message(error, reply_to=message))
-        return replies
+        return self.pull_messages(self.push_messages(messages))
 
 
 @pytest.fixture

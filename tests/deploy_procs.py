@@ -48,7 +48,7 @@ class Processes:
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = self.logs / f"{name}.log"
-        with open(log, "wb") as handle:
+        with open(log, "ab") as handle:  # a process started again adds to its log
             process = subprocess.Popen(
                 command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
             )
@@ -69,6 +69,13 @@ class Processes:
                 break  # the whole group is gone
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=grace)
+        process.wait()
+
+    @staticmethod
+    def kill(process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the process group at once: a crash, not a shutdown."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
     def stop_all(self) -> None:
@@ -130,6 +137,54 @@ def unpack_app(content: bytes, folder: Path) -> Path:
     return app
 
 
+def superlink_command(port: int, database: Path, *security: str) -> list[str]:
+    """flower-superlink on 127.0.0.1:``port``, its state in ``database``, process isolation
+    (its ServerApps run under a SuperExec beside it); ``security``: TLS or ``--insecure``."""
+    return [
+        str(BIN / "flower-superlink"),
+        *security,
+        "--isolation",
+        "process",
+        "--database",
+        str(database),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def supernode_command(
+    superlink: str,
+    runtime_port: int,
+    *security: str,
+    node_config: str = "",
+    launcher: list[str] | None = None,
+) -> list[str]:
+    """flower-supernode (or ``launcher`` with its arguments) at ``superlink``, process
+    isolation, its own runtime API on 127.0.0.1:``runtime_port``."""
+    command = [
+        *(launcher or [str(BIN / "flower-supernode")]),
+        "--superlink",
+        superlink,
+        *security,
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+    ]
+    return [*command, "--node-config", node_config] if node_config else command
+
+
+def superexec_command(runtime_port: int, *security: str) -> list[str]:
+    """flower-superexec for the runtime API on 127.0.0.1:``runtime_port`` (a SuperLink's or
+    a SuperNode's)."""
+    address = ["--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+    return [str(BIN / "flower-superexec"), *address, *security]
+
+
 def start_superlink(
     processes: Processes, pki: Path, port: int, database: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
@@ -137,42 +192,12 @@ def start_superlink(
     authentication, process isolation) and the ServerApp's SuperExec beside it; returns the
     SuperLink once it listens."""
     secret = ["--superexec-auth-secret-file", str(pki / "superexec.secret")]
-    superlink = processes.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(pki / "ca.crt"),
-            "--ssl-certfile",
-            str(pki / "superlink.crt"),
-            "--ssl-keyfile",
-            str(pki / "superlink.key"),
-            "--enable-supernode-auth",
-            "--isolation",
-            "process",
-            "--database",
-            str(database),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *secret,
-        ],
-        env,
-    )
+    tls = ["--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "superlink.crt")]
+    tls += ["--ssl-keyfile", str(pki / "superlink.key"), "--enable-supernode-auth"]
+    superlink = processes.start("superlink", superlink_command(port, database, *tls, *secret), env)
     wait_for_port(port, superlink)
-    processes.start(
-        "superexec-serverapp",
-        [
-            str(BIN / "flower-superexec"),
-            "--runtime-api-address",
-            f"127.0.0.1:{port}",
-            "--root-certificates",
-            str(pki / "ca.crt"),
-            *secret,
-        ],
-        env,
-    )
+    superexec = superexec_command(port, "--root-certificates", str(pki / "ca.crt"), *secret)
+    processes.start("superexec-serverapp", superexec, env)
     return superlink
 
 
@@ -199,33 +224,13 @@ def start_supernode(
     with flower-supernode's arguments; with a node config, its SuperExec too."""
     runtime_port = free_port()
     secret = ["--superexec-auth-secret-file", str(host / "pki" / "superexec.secret")]
-    command = [
-        *(launcher or [str(BIN / "flower-supernode")]),
-        "--superlink",
-        superlink,
-        *transport,
-        "--isolation",
-        "process",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(runtime_port),
-        *secret,
-    ]
-    if node_config:
-        command += ["--node-config", node_config]
+    command = supernode_command(
+        superlink, runtime_port, *transport, *secret, node_config=node_config, launcher=launcher
+    )
     env = host_env(host / "flwr-home")
     supernode = processes.start(f"supernode-{site}", command, env)
     if node_config:
-        processes.start(
-            f"superexec-{site}",
-            [
-                str(BIN / "flower-superexec"),
-                "--runtime-api-address",
-                f"127.0.0.1:{runtime_port}",
-                "--insecure",  # the SuperNode's runtime API listens on loopback only
-                *secret,
-            ],
-            env,
-        )
+        # The SuperNode's runtime API listens on loopback only.
+        superexec = superexec_command(runtime_port, "--insecure", *secret)
+        processes.start(f"superexec-{site}", superexec, env)
     return supernode
