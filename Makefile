@@ -26,6 +26,9 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python -m bench.fl_vs_baselines
+	$(BIN)/python -m bench.fl_overhead
+	$(BIN)/python -m bench.dp_utility
 
 clean:
 	rm -rf demo runs bench/results .pytest_cache .ruff_cache .hypothesis

@@ -8,14 +8,16 @@ size in scans.  Each model is scored on every scan of the external cache (MosMed
 Class weighting is off throughout (DP training cannot use it).  Prints a Markdown table and
 writes the figures to bench/results/dp_utility.json.
 
-Default model: timm's ``test_efficientnet_gn`` (GroupNorm, ~0.1 M parameters) from scratch at
-64 × 64 for 10 epochs, so that the four trainings take a few minutes on two CPU cores;
-``--backbone efficientnet_b3 --image-size 256 --device cuda`` is the product's model
-(GroupNorm variant) for a GPU.
+Default model: the demo's ImageNet EfficientNet-Lite0 with its backbone frozen (BatchNorm in
+eval mode with its pretrained statistics, so no patient's normalisation depends on another's)
+and the head trained, at the demo caches' size.  ``--train all --norm group`` fine-tunes the
+whole GroupNorm-converted network instead.  The sites and the external set default to the
+caches of ``--config`` (``[prepare] out``).
 
-    python bench/dp_utility.py [--sites DIR ...] [--external DIR] [--epsilons 1 3 8 inf]
-        [--epochs 10] [--batch-size 8] [--sample-rate 0] [--max-grad-norm 1.0]
-        [--backbone test_efficientnet_gn] [--image-size 64] [--lr 0.002] [--device auto]
+    python -m bench.dp_utility [--config configs/demo.toml] [--sites DIR ...] [--external DIR]
+        [--epsilons 1 3 8 inf] [--epochs 10] [--batch-size 8] [--sample-rate 0]
+        [--max-grad-norm 1.0] [--backbone tf_efficientnet_lite0] [--weights imagenet]
+        [--train head|all] [--norm batch|group] [--image-size 0] [--lr 0.002] [--device auto]
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from common.model import ModelConfig, SliceClassifier, build_model
 from common.privacy import DPSettings, PrivacyError, train_private
 from common.privacy_accounting import PrivacyLedger
 from common.training import TrainConfig, evaluate, train_local
+from common.weights import weights_spec
+from server.demo import load_config
 
 RESULTS = Path(__file__).parent / "results" / "dp_utility.json"
-DEMO = Path("demo/cache")
+EXTERNAL = "mosmed"
 
 
 class Resized(Dataset[ScanItem]):
@@ -87,7 +91,14 @@ def run_one(
 ) -> dict[str, Any]:
     """Train a fresh model at target ``epsilon`` (``inf``: without DP) and score it."""
     torch.manual_seed(args.seed)
-    model = build_model(ModelConfig(backbone=args.backbone, norm="group"))
+    model = build_model(
+        ModelConfig(
+            backbone=args.backbone,
+            pretrained_weights=weights_spec(args.weights),
+            norm=args.norm,
+            freeze_backbone=args.train == "head",
+        )
+    )
     cfg = TrainConfig(
         local_epochs=args.epochs,
         lr=args.lr,
@@ -141,19 +152,30 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def demo_caches(config: Path) -> tuple[list[Path], Path, int]:
+    """The site caches, the external cache and the slice size that ``config`` prepares."""
+    prepared = load_config(config)["prepare"]
+    root = Path(prepared["out"])
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name != EXTERNAL)
+    return sites, root / EXTERNAL, int(prepared["size"])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sites = [DEMO / name for name in ("hospital-a", "hospital-b", "hospital-c")]
-    parser.add_argument("--sites", type=Path, nargs="+", default=sites)
-    parser.add_argument("--external", type=Path, default=DEMO / "mosmed")
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    parser.add_argument("--sites", type=Path, nargs="+", help="default: the config's caches")
+    parser.add_argument("--external", type=Path, help="default: the config's mosmed cache")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sample-rate", type=float, default=0.0, help="0: batch-size/patients")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
-    parser.add_argument("--backbone", default="test_efficientnet_gn")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", default="imagenet", help='"imagenet", a file, or ""')
+    parser.add_argument("--train", choices=("head", "all"), default="head")
+    parser.add_argument("--norm", choices=("batch", "group"), default="batch")
+    parser.add_argument("--image-size", type=int, default=0, help="0: the caches' own size")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--device", default="auto")
@@ -167,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(eps <= 0 for eps in args.epsilons):
             raise ValueError("every --epsilons value must be positive (inf: without DP)")
+        if args.sites is None or args.external is None or args.image_size == 0:
+            sites, external, size = demo_caches(args.config)
+            args.sites = args.sites or sites
+            args.external = args.external or external
+            args.image_size = args.image_size or size
         train, patients = pooled_train(args.sites, args.image_size)
         external = Resized(CacheDataset(args.external), args.image_size)
         if len(train) == 0 or len(external) == 0:
@@ -192,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                 "max_grad_norm",
                 "accountant",
                 "backbone",
+                "weights",
+                "train",
+                "norm",
                 "image_size",
                 "optimizer",
                 "lr",
