@@ -2,7 +2,9 @@
 
 Each entry point names a module with ``add_arguments(parser)`` and ``run(args) -> int`` and
 a module docstring whose first line is the help text.  Only the module of the command being
-run is imported, so ``common`` needs no import of ``client`` or ``server``.  Every command
+run is imported (``fedct --help`` reads the docstrings from the modules' source), so
+``common`` needs no import of ``client`` or ``server`` and the overview answers without
+loading torch or Flower.  Every command
 takes ``--verbose`` (DEBUG logs, and Flower's and Ray's own output), and every option's help
 ends with its default.
 
@@ -15,10 +17,13 @@ Ctrl-C with exit 130.
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import sys
 from importlib import import_module
 from importlib.metadata import entry_points
+from importlib.util import find_spec
+from pathlib import Path
 
 from common.console import configure_logging
 from common.provenance import software_versions
@@ -26,9 +31,12 @@ from common.provenance import software_versions
 DESCRIPTION = "fedct: federated COVID-19 chest-CT classification across hospitals"
 
 
-def _summary(module: object, name: str) -> str:
-    """The first docstring line, without a leading ``fedct NAME``: label."""
-    first = (getattr(module, "__doc__", None) or name).strip().splitlines()[0]
+def _summary(module_name: str, name: str) -> str:
+    """The first line of the module's docstring, read from its source without importing it,
+    without a leading ``fedct NAME``: label."""
+    spec = find_spec(module_name)
+    source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
+    first = (ast.get_docstring(ast.parse(source)) or name).strip().splitlines()[0]
     first = re.sub(r"^``fedct [^`]*``:\s*", "", first)
     return first[:1].upper() + first[1:]
 
@@ -68,8 +76,8 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    """The ``fedct`` parser; only the command named in ``argv`` (or, without one, every
-    command) has its module imported and its options added."""
+    """The ``fedct`` parser; only the command named in ``argv`` has its module imported and
+    its options added (without one, every command is listed with its summary)."""
     commands = _commands()
     parser = argparse.ArgumentParser(
         prog="fedct", description=DESCRIPTION, formatter_class=DefaultsHelpFormatter
@@ -86,20 +94,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     chosen = argv[0] if argv and argv[0] in commands else None
     common = _common_options()
     for name in sorted(commands):
-        if chosen is None or name == chosen:
-            module = import_module(commands[name])
-            summary = _summary(module, name)
-            module.add_arguments(
-                sub.add_parser(
-                    name,
-                    help=summary,
-                    description=summary,
-                    parents=[common],
-                    formatter_class=DefaultsHelpFormatter,
-                )
-            )
-        else:
+        if chosen is not None and name != chosen:
             sub.add_parser(name)
+            continue
+        summary = _summary(commands[name], name)
+        command = sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            parents=[common],
+            formatter_class=DefaultsHelpFormatter,
+        )
+        if name == chosen:
+            import_module(commands[name]).add_arguments(command)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``fedct demo``: synthesize hospitals, prepare them, run a federation and its baselines.
+"""``fedct demo``: synthesize hospitals, prepare them, run a federation (its baselines if asked).
 
 The whole product on one machine, from one TOML file (``configs/demo.toml``): a seeded
 synthetic cohort of non-IID hospitals and a MosMedData-like external set (``[synth]``), a

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,22 @@ def test_version_names_fedct_and_its_libraries(capsys: pytest.CaptureFixture[str
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
+
+
+def test_the_overview_lists_every_command_without_importing_one() -> None:
+    modules = {ep.name: ep.value for ep in entry_points(group="fedct.commands")}
+    code = (
+        "import sys; from common.cli import build_parser; "
+        "print(build_parser([]).format_help()); "
+        f"print(sorted(m for m in {sorted(modules.values())!r} if m in sys.modules)); "
+        "print('torch' in sys.modules, 'flwr' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    *help_lines, imported, heavy = done.stdout.strip().splitlines()
+    assert imported == "[]" and heavy == "False False"
+    listed = "\n".join(help_lines)
+    assert all(name in listed for name in modules)
+    assert "Run a federated simulation" in listed
 
 
 def test_every_option_help_shows_its_default() -> None:
