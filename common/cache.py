@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -206,6 +206,27 @@ def patient_content_keys(cache_dir: Path, rows: Sequence[Mapping[str, str]]) -> 
     return keys
 
 
+def content_order(cache_dir: Path) -> Callable[[Mapping[str, str]], str]:
+    """A sort key for manifest rows that depends on the scans' pixels, not on the pseudonyms
+    (the manifest is in pseudonym order, which follows the site's secret salt): the sha256
+    the scan index recorded for the file, or the file's own.  Two preparations of the same
+    data therefore train on the same batches in the same order."""
+    from common.scan_index import ScanIndex  # scan_index builds on this module
+
+    records = ScanIndex(cache_dir).records
+
+    def key(row: Mapping[str, str]) -> str:
+        record = records.get(row["scan_id"])
+        if record is not None:
+            return record.sha256
+        try:
+            return hashlib.sha256(scan_path(cache_dir, row["scan_id"]).read_bytes()).hexdigest()
+        except OSError:
+            return row["scan_id"]  # reading the item names the file and the reason
+
+    return key
+
+
 class ScanItem(NamedTuple):
     pixels: torch.Tensor  # (S, 1, H, W) float32 grey values in [0, 1]
     label: int
@@ -251,11 +272,12 @@ class CacheDataset(Dataset[ScanItem]):
         unknown = set(splits or ()) - set(SPLITS)
         if unknown:
             raise CacheError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
-        self.rows = [
+        rows = [
             row
             for row in read_manifest(self.cache_dir)
             if int(row["class_index"]) >= 0 and (splits is None or row["split"] in splits)
         ]
+        self.rows = sorted(rows, key=content_order(self.cache_dir))
 
     def __len__(self) -> int:
         return len(self.rows)

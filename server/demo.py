@@ -160,6 +160,7 @@ def run_demo(config_path: Path, *, verbose: bool = False) -> int:
         out.print(
             "baselines (centralized, each site alone): not run by the demo ([baselines] run = "
             "false) to keep it short; make bench runs them (python -m bench.fl_vs_baselines)",
+            markup=False,
             highlight=False,
         )
     return 0

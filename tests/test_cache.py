@@ -27,23 +27,29 @@ def _tiny_cache(root: Path, slice_counts=(3, 5, 2), classes=(0, 2, 1)) -> Path:
     return root
 
 
+def _item(dataset: CacheDataset, scan_id: str):
+    """The dataset's item of ``scan_id`` (a dataset is in the order of its scans' content)."""
+    return next(dataset[i] for i, row in enumerate(dataset.rows) if row["scan_id"] == scan_id)
+
+
 def test_dataset_items_and_splits(tmp_path: Path) -> None:
     cache = _tiny_cache(tmp_path)
     assert len(CacheDataset(cache)) == 3
     train = CacheDataset(cache, splits=["train"])
     assert len(train) == 2 and train.class_counts() == [1, 0, 1]
-    item = train[1]
+    item = _item(train, "s1")
     assert item.pixels.shape == (5, 1, 16, 16) and item.label == 2 and item.scan_id == "s1"
     assert float(item.pixels.min()) >= 0.0 and float(item.pixels.max()) <= 1.0
 
 
 def test_collate_pads_with_a_mask(tmp_path: Path) -> None:
     dataset = CacheDataset(_tiny_cache(tmp_path))
-    batch = pad_collate([dataset[i] for i in range(3)])
+    items = [_item(dataset, f"s{i}") for i in range(3)]
+    batch = pad_collate(items)
     assert batch.x.shape == (3, 5, 1, 16, 16)
     assert batch.mask.sum(dim=1).tolist() == [3, 5, 2]
     assert torch.all(batch.x[0, 3:] == 0) and batch.y.tolist() == [0, 2, 1]
-    torch.testing.assert_close(batch.x[2, :2], dataset[2].pixels)
+    torch.testing.assert_close(batch.x[2, :2], items[2].pixels)
 
 
 def test_loader_shuffle_is_seeded(tmp_path: Path) -> None:
@@ -58,7 +64,10 @@ def test_missing_or_damaged_cache_names_the_file(tmp_path: Path) -> None:
     cache = _tiny_cache(tmp_path)
     (cache / "scans" / "s0.npy").write_bytes(b"garbage")
     with pytest.raises(CacheError, match="s0.npy"):
-        CacheDataset(cache)[0]
+        _item(CacheDataset(cache), "s0")
+    (cache / "scans" / "s0.npy").unlink()
+    with pytest.raises(CacheError, match="s0.npy"):
+        _item(CacheDataset(cache), "s0")
     with pytest.raises(CacheError, match="unknown split"):
         CacheDataset(cache, splits=["validation"])
 

@@ -148,11 +148,15 @@ def test_pydicom_test_files_never_crash_prepare(tmp_path: Path) -> None:
         assert pixels.dtype == np.uint8 and pixels.shape[1:] == (16, 16)
 
 
-def test_splits_follow_the_data_not_the_salt(cohort: Path, tmp_path: Path) -> None:
+def test_splits_and_training_order_follow_the_data_not_the_salt(
+    cohort: Path, tmp_path: Path
+) -> None:
     """Two preparations of one site draw two salts, so every pseudonym differs; every scan,
-    matched by its pixels, must still land in the same split."""
+    matched by its pixels, must still land in the same split, and a split's dataset must
+    yield the same scans in the same order (so two fresh clones train alike)."""
     site = _sites(cohort)[0]
     split_by_pixels = []
+    train_order = []
     for name in ("first", "second"):
         cache = tmp_path / name
         prepare(site, cache, TINY, labels=site / "labels.csv", progress=False)
@@ -162,7 +166,10 @@ def test_splits_follow_the_data_not_the_salt(cohort: Path, tmp_path: Path) -> No
                 for row in read_manifest(cache)
             }
         )
+        train = CacheDataset(cache, ["train"])
+        train_order.append([train[i].pixels.numpy().tobytes() for i in range(len(train))])
     first, second = split_by_pixels
     assert (tmp_path / "first" / ".salt").read_text() != (tmp_path / "second" / ".salt").read_text()
     assert first == second
     assert len(set(first.values())) > 1
+    assert train_order[0] == train_order[1] and len(train_order[0]) > 1
