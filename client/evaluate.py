@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from client.evaluation_report import UNTUNED, ci_text, render_report
-from common import html
+from common import html_page
 from common.bootstrap import full_report, roc_band
 from common.cache import (
     CacheDataset,
@@ -398,9 +398,9 @@ def _cam_figures(
                 f"called {'COVID-19' if called[i] else 'not COVID-19'}; "
                 f"slice {best + 1} of {len(cam)} (selected slices), plain and with the CAM"
             )
-            plain = html.png_img(pixels[best], f"slice of scan {scan_id}")
-            image = html.png_img(overlay(pixels[best], cam[best]), f"CAM of scan {scan_id}")
-            figures[kind].append(html.figure(plain + image, caption))
+            plain = html_page.png_img(pixels[best], f"slice of scan {scan_id}")
+            image = html_page.png_img(overlay(pixels[best], cam[best]), f"CAM of scan {scan_id}")
+            figures[kind].append(html_page.figure(plain + image, caption))
     return figures
 
 

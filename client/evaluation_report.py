@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from common import html
+from common import html_page
 from common.cam import colour_bar
 from common.classes import GLOBAL_CLASSES
 
@@ -35,7 +35,7 @@ ZERO_WIDTH = "‡"
 
 def ci_text(entry: dict[str, Any] | None) -> str:
     if entry is None or entry["value"] is None:
-        return html.ABSENT
+        return html_page.ABSENT
     low, high = entry["ci"]
     interval = "" if low is None else f" (95% CI {low:.3f}–{high:.3f})"
     return f"{entry['value']:.3f}{interval}"
@@ -61,38 +61,42 @@ def render_report(report: dict[str, Any], cams: dict[str, list[str]]) -> str:
         ["operating point", _op_text(op, report["operating_point_source"])],
     ]
     parts = [
-        html.facts(overview),
-        *(html.paragraph(note, warning=True) for note in report["notes"]),
-        html.section("ROC curve: COVID-19 vs rest", _roc(report)),
-        html.section("Metrics with patient-bootstrap 95% CIs", *_metrics_table(report)),
-        html.section("Sensitivity by severity (MosMedData CT-0 to CT-4)", _severity(report)),
-        html.section("Per class", _per_class(report)),
-        html.section("Confusion matrices", *_confusion(report)),
-        html.section("Calibration of p(COVID-19)", *_calibration(report)),
-        html.section(
+        html_page.facts(overview),
+        *(html_page.paragraph(note, warning=True) for note in report["notes"]),
+        html_page.section("ROC curve: COVID-19 vs rest", _roc(report)),
+        html_page.section("Metrics with patient-bootstrap 95% CIs", *_metrics_table(report)),
+        html_page.section("Sensitivity by severity (MosMedData CT-0 to CT-4)", _severity(report)),
+        html_page.section("Per class", _per_class(report)),
+        html_page.section("Confusion matrices", *_confusion(report)),
+        html_page.section("Calibration of p(COVID-19)", *_calibration(report)),
+        html_page.section(
             "Class activation maps (COVID-19)",
-            html.paragraph(
+            html_page.paragraph(
                 "Each scan's slice with the most evidence, plain (as the model sees it) and "
                 "with its CAM: where the evidence for COVID-19 lies, scaled to the scan's "
                 "strongest evidence."
             ),
             *_colour_scale(cams),
-            html.paragraph("Most confidently correct scans, by the decision at the threshold:"),
-            *(cams["correct"] or [html.paragraph("none")]),
-            html.paragraph("Most confidently wrong scans:"),
-            *(cams["wrong"] or [html.paragraph("none")]),
+            html_page.paragraph(
+                "Most confidently correct scans, by the decision at the threshold:"
+            ),
+            *(cams["correct"] or [html_page.paragraph("none")]),
+            html_page.paragraph("Most confidently wrong scans:"),
+            *(cams["wrong"] or [html_page.paragraph("none")]),
         ),
     ]
-    return html.page(f"fedct evaluation: {data['name']}", parts)
+    return html_page.page(f"fedct evaluation: {data['name']}", parts)
 
 
 def _colour_scale(cams: dict[str, list[str]]) -> list[str]:
     """The CAM colour bar, when the page shows a CAM."""
     if not (cams["correct"] or cams["wrong"]):
         return []
-    bar = html.png_img(colour_bar(), "CAM colour scale", style="width:256px;height:14px")
+    bar = html_page.png_img(colour_bar(), "CAM colour scale", style="width:256px;height:14px")
     return [
-        html.figure(bar, "colour scale: 0 (no evidence for COVID-19) → 1 (the scan's strongest)")
+        html_page.figure(
+            bar, "colour scale: 0 (no evidence for COVID-19) → 1 (the scan's strongest)"
+        )
     ]
 
 
@@ -119,7 +123,7 @@ def _op_text(op: dict[str, Any], source: str) -> str:
 def _roc(report: dict[str, Any]) -> str:
     roc = report["curves"]["roc"]
     if roc is None:
-        return html.paragraph("No ROC curve: the data lacks COVID-19 or other scans.")
+        return html_page.paragraph("No ROC curve: the data lacks COVID-19 or other scans.")
     metrics = report["metrics"]
     point = (
         None if metrics["spec_covid"]["value"] is None else 1.0 - metrics["spec_covid"]["value"],
@@ -127,7 +131,7 @@ def _roc(report: dict[str, Any]) -> str:
         f"threshold {report['operating_point']['threshold']:.3g}",
     )
     band = roc["band"]
-    return html.roc_chart(
+    return html_page.roc_chart(
         roc["fpr"],
         roc["tpr"],
         title=f"AUC {ci_text(metrics['auc_covid'])}",
@@ -149,10 +153,10 @@ def _metrics_table(report: dict[str, Any]) -> list[str]:
         ci = None if low is None else f"{low:.3f}–{high:.3f}" + (f" {ZERO_WIDTH}" if flat else "")
         value = None if entry["value"] is None else round(entry["value"], 3)
         rows.append([METRIC_NAMES.get(key, key), key, value, ci, entry["n_valid"]])
-    parts = [html.table(["metric", "key", "value", "95% CI", "resamples"], rows)]
+    parts = [html_page.table(["metric", "key", "value", "95% CI", "resamples"], rows)]
     if zero_width:
         parts.append(
-            html.paragraph(
+            html_page.paragraph(
                 f"{ZERO_WIDTH} zero width: every bootstrap resample gave the same value (e.g. "
                 "every COVID-19 scan was called COVID-19, or none was). It is no certainty: "
                 "with n scans of a class, a rate measured as 0 or 1 can still be off by "
@@ -165,7 +169,7 @@ def _metrics_table(report: dict[str, Any]) -> list[str]:
 def _severity(report: dict[str, Any]) -> str:
     groups = report.get("by_severity") or []
     if not groups:
-        return html.paragraph("The data has no severity grades (MosMedData CT-0 to CT-4).")
+        return html_page.paragraph("The data has no severity grades (MosMedData CT-0 to CT-4).")
     rows = []
     for group in groups:
         low, high = group["ci"]
@@ -180,11 +184,11 @@ def _severity(report: dict[str, Any]) -> str:
                 None if low is None else f"{low:.3f}–{high:.3f}",
             ]
         )
-    return html.paragraph(
+    return html_page.paragraph(
         "Scans of each grade called COVID-19 at the threshold. CT-0 are normal scans, so their "
         "share is the false-positive rate; CT-1 (< 25 % of the lung) to CT-4 (> 75 %) are "
         "COVID-19, so their share is the sensitivity at that grade. Intervals: Wilson 95%."
-    ) + html.table(
+    ) + html_page.table(
         ["severity", "scans", "called COVID-19", "share is", "share", "95% CI (Wilson)"], rows
     )
 
@@ -204,7 +208,7 @@ def _per_class(report: dict[str, Any]) -> str:
                 confusion[k, k] / predicted if predicted else None,
             ]
         )
-    return html.table(
+    return html_page.table(
         [
             "class",
             "scans",
@@ -230,15 +234,15 @@ def _confusion(report: dict[str, Any]) -> list[str]:
     if differ is not None:
         why += f": here {differ} of {report['n_scans']} scans are decided differently."
     return [
-        html.paragraph(why),
-        html.heatmap_table(
+        html_page.paragraph(why),
+        html_page.heatmap_table(
             GLOBAL_CLASSES,
             GLOBAL_CLASSES,
             metrics["confusion_3x3"]["value"],
             corner="true ↓ / predicted (argmax) →",
             digits=0,
         ),
-        html.heatmap_table(
+        html_page.heatmap_table(
             ["other", "covid19"],
             ["called other", "called covid19"],
             metrics["confusion_2x2"]["value"],
@@ -251,7 +255,7 @@ def _confusion(report: dict[str, Any]) -> list[str]:
 def _calibration(report: dict[str, Any]) -> list[str]:
     bins = report["curves"]["calibration"]
     scores = report.get("calibration") or {}
-    chart = html.reliability_chart(
+    chart = html_page.reliability_chart(
         bins["mean_predicted"],
         bins["fraction_covid"],
         bins["count"],
@@ -269,13 +273,13 @@ def _calibration(report: dict[str, Any]) -> list[str]:
         ]
         for i in range(len(bins["count"]))
     ]
-    summary = html.facts(
+    summary = html_page.facts(
         [
             ["expected calibration error (ECE)", _rounded(scores.get("ece"))],
             ["Brier score (COVID-19 vs rest)", _rounded(scores.get("brier"))],
         ]
     )
-    note = html.paragraph(
+    note = html_page.paragraph(
         "ECE: the gap between the fraction of COVID-19 scans and the mean predicted "
         "p(COVID-19) in each bin, weighted by the bin's scans (0 is perfect). Brier score: the "
         "mean squared difference between p(COVID-19) and the truth (0 is perfect; 0.25 is "
@@ -285,7 +289,7 @@ def _calibration(report: dict[str, Any]) -> list[str]:
         chart,
         summary,
         note,
-        html.table(["p(COVID-19) bin", "scans", "mean predicted", "fraction COVID-19"], rows),
+        html_page.table(["p(COVID-19) bin", "scans", "mean predicted", "fraction COVID-19"], rows),
     ]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from common import html
+from common import html_page
 from common.cache import SPLITS, atomic_open
 from common.classes import GLOBAL_CLASSES
 from common.ingest.base import REASONS, Ignored, Rejection, Scan
@@ -178,17 +178,17 @@ def build_qa(
 
 def _class_table(groups: dict[str, dict[str, int]], corner: str) -> str:
     if not groups:
-        return html.paragraph("No scans.")
+        return html_page.paragraph("No scans.")
     used = [c for c in CLASSES if any(g[c] for g in groups.values())]
     rows = [[name, *(g[c] for c in used), sum(g.values())] for name, g in groups.items()]
-    return html.table([corner, *used, "total"], rows)
+    return html_page.table([corner, *used, "total"], rows)
 
 
 def _rejections(qa: dict[str, Any]) -> list[str]:
     if not qa["rejected"] and not qa.get("ignored"):
-        return [html.paragraph("Nothing was rejected or ignored.")]
+        return [html_page.paragraph("Nothing was rejected or ignored.")]
     parts = [
-        html.paragraph(
+        html_page.paragraph(
             "Each row's id is a salted hash of the input's path. At the site, "
             "fedct inspect RAW --cache CACHE --json prints the same id beside the path and "
             "every file of the input."
@@ -198,9 +198,9 @@ def _rejections(qa: dict[str, Any]) -> list[str]:
         entries = [r for r in qa["rejected"] if r["reason"] == reason]
         files = sum(r["files"] for r in entries)
         parts.append(
-            html.details(
+            html_page.details(
                 f"{reason} — {plural(count, 'input')}, {plural(files, 'file')}: {REASONS[reason]}",
-                html.table(
+                html_page.table(
                     ["id", "files", "detail"],
                     [[r["id"], r["files"], r["detail"]] for r in entries],
                 ),
@@ -209,10 +209,10 @@ def _rejections(qa: dict[str, Any]) -> list[str]:
     ignored = qa.get("ignored") or []
     if ignored:
         parts.append(
-            html.details(
+            html_page.details(
                 f"ignored — {plural(len(ignored), 'file')} that "
                 f"{'is not an input' if len(ignored) == 1 else 'are not inputs'}",
-                html.table(["id", "what"], [[i["id"], i["what"]] for i in ignored]),
+                html_page.table(["id", "what"], [[i["id"], i["what"]] for i in ignored]),
             )
         )
     return parts
@@ -244,50 +244,52 @@ def render_html(qa: dict[str, Any], samples: Sequence[Sample] = ()) -> str:
         ["prepared in", f"{qa['seconds']} s"],
         *_settings_rows(qa),
     ]
-    return html.page(
+    return html_page.page(
         "fedct cache QA",
         [
-            html.facts(overview),
-            html.section(
+            html_page.facts(overview),
+            html_page.section(
                 "Scans per class and split",
-                html.table(
+                html_page.table(
                     ["class", *SPLITS, "total"],
                     [[c, *counts[c].values(), sum(counts[c].values())] for c in counts],
                 ),
             ),
-            html.section(
+            html_page.section(
                 "Slices of one scan per class",
-                html.paragraph(
+                html_page.paragraph(
                     "Slices through the whole series, as the cache stores them: the first and "
                     "last slice, the first and last selected, and the middle one. Green: in "
                     "the selection (the middle slices); grey: not used."
                 ),
                 *sample_figures(samples),
             ),
-            html.section(
+            html_page.section(
                 "Hounsfield units per class",
-                hu_chart(hu) if hu else html.paragraph("No HU volume was decoded in this run."),
+                hu_chart(hu)
+                if hu
+                else html_page.paragraph("No HU volume was decoded in this run."),
             ),
-            html.section(
+            html_page.section(
                 "Scanners and spacing",
-                html.heading("Scanner (Manufacturer)"),
+                html_page.heading("Scanner (Manufacturer)"),
                 _class_table(qa.get("by_scanner", {}), "scanner"),
-                html.heading("Slice spacing along z"),
+                html_page.heading("Slice spacing along z"),
                 _class_table(qa.get("by_slice_spacing", {}), "spacing"),
-                html.heading("Pixel spacing in the slice"),
+                html_page.heading("Pixel spacing in the slice"),
                 _class_table(qa.get("by_pixel_spacing", {}), "spacing"),
             ),
-            html.section(
+            html_page.section(
                 "Slices per scan (before selection)", bars_svg(qa["slices_total_histogram"])
             ),
-            html.section("Slice thickness (mm)", bars_svg(qa["thickness_mm_histogram"])),
-            html.section(
+            html_page.section("Slice thickness (mm)", bars_svg(qa["thickness_mm_histogram"])),
+            html_page.section(
                 "Warnings",
-                html.table(["warning", "scans"], qa["warnings"].items())
+                html_page.table(["warning", "scans"], qa["warnings"].items())
                 if qa["warnings"]
-                else html.paragraph("No scan has a warning."),
+                else html_page.paragraph("No scan has a warning."),
             ),
-            html.section("Rejected and ignored inputs", *_rejections(qa)),
+            html_page.section("Rejected and ignored inputs", *_rejections(qa)),
         ],
     )
 

@@ -16,7 +16,7 @@ from html import escape
 
 import numpy as np
 
-from common import html
+from common import html_page
 from common.ingest.base import Scan, ScanLoadError
 from common.normalize import Normalization, to_cache_pixels
 
@@ -62,8 +62,8 @@ def hu_chart(per_class: dict[str, list[int]]) -> str:
     series = []
     for name, counts in per_class.items():
         total = sum(counts) or 1
-        series.append(html.Series(name, centres, [c / total for c in counts]))
-    return html.line_chart(
+        series.append(html_page.Series(name, centres, [c / total for c in counts]))
+    return html_page.line_chart(
         series,
         title="HU of the selected slices (share of voxels per 100 HU)",
         x_label="HU (air −1000, lung −900…−500, soft tissue 0…100)",
@@ -163,11 +163,11 @@ def sample_figures(samples: Sequence[Sample]) -> list[str]:
     """HTML of every sample: its selection bar and one captioned thumbnail per shown slice
     (a green frame: in the selection; grey: outside)."""
     if not samples:
-        return [html.paragraph("No scan to show.")]
+        return [html_page.paragraph("No scan to show.")]
     parts = []
     for sample in samples:
         parts.append(
-            html.heading(
+            html_page.heading(
                 f"{sample.global_class}: scan {sample.scan_id}, {sample.n_slices} "
                 f"slice{'s' if sample.n_slices != 1 else ''}, "
                 + (
@@ -181,14 +181,14 @@ def sample_figures(samples: Sequence[Sample]) -> list[str]:
         figures = []
         for shown in sample.slices:
             colour = _SELECTED if shown.selected else _OUTSIDE
-            image = html.png_img(
+            image = html_page.png_img(
                 shown.pixels,
                 f"slice {shown.index + 1} of {sample.scan_id}",
                 style=f"border:4px solid {colour};width:{THUMBNAIL_PX}px",
             )
             where = "selected" if shown.selected else "not selected"
             figures.append(
-                html.figure(image, f"slice {shown.index + 1} of {sample.n_slices}, {where}")
+                html_page.figure(image, f"slice {shown.index + 1} of {sample.n_slices}, {where}")
             )
         parts.append("<div>" + "".join(figures) + "</div>")
     return parts

@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from common import html
+from common import html_page
 from common.cache import atomic_open
 from common.checkpoint_io import jsonable
 from server.checkpoints import CheckpointError, RunDirectory
@@ -72,28 +72,28 @@ def render_run(run_dir: Path) -> str:
     shown = best_round if best_round in cards else rounds[-1]
     marker = (best_round, f"best: round {best_round}") if best_round is not None else None
     parts = [
-        html.facts(_overview(run_dir, lines, cards, best)),
-        html.section(
+        html_page.facts(_overview(run_dir, lines, cards, best)),
+        html_page.section(
             "Per round",
             _chart(lines, AUC, "COVID-19 AUC per round", "AUC", marker, chance=True),
             _chart(lines, "loss", "Loss per round", "cross entropy", marker),
-            html.heading("Every round"),
+            html_page.heading("Every round"),
             _round_table(lines, best_round),
         ),
-        html.section(
+        html_page.section(
             "Tune and test AUC per site",
-            html.paragraph(
+            html_page.paragraph(
                 "Each site scores the global model of every round on its own tune and test "
                 "splits (from the model cards); the dashed line is chance (AUC 0.5)."
             ),
             *_site_evaluation_charts(cards, marker),
         ),
-        html.section("Participation per round", _participation(lines)),
-        html.section("Train metrics per site", *_site_charts(cards, marker)),
-        html.section(f"Model card of round {shown}", _card(cards.get(shown))),
-        html.section("Cross-site evaluation", *_cross_site(run_dir.path / CROSS_SITE)),
+        html_page.section("Participation per round", _participation(lines)),
+        html_page.section("Train metrics per site", *_site_charts(cards, marker)),
+        html_page.section(f"Model card of round {shown}", _card(cards.get(shown))),
+        html_page.section("Cross-site evaluation", *_cross_site(run_dir.path / CROSS_SITE)),
     ]
-    return html.page(f"fedct run {run_dir.path.name}", parts)
+    return html_page.page(f"fedct run {run_dir.path.name}", parts)
 
 
 def _fmt(value: Any, digits: int = 3) -> float | None:
@@ -154,7 +154,7 @@ def _round_table(lines: list[dict[str, Any]], best_round: int | None) -> str:
             row += [_fmt(central.get(name + AUC)), _fmt(central.get(f"{name}-loss"))]
         row += [_fmt(line.get("seconds"), 1), "◀ best" if line["round"] == best_round else ""]
         rows.append(row)
-    return html.table(header, rows, marked=marked)
+    return html_page.table(header, rows, marked=marked)
 
 
 def _metric_lines(run_dir: RunDirectory) -> list[dict[str, Any]]:
@@ -204,21 +204,21 @@ def _chart(
         }
     )
     if not keys:
-        return html.paragraph(f"No metric ending in {suffix} was recorded.")
+        return html_page.paragraph(f"No metric ending in {suffix} was recorded.")
     rounds = [line["round"] for line in lines]
     series = []
     for source, key in keys:
         prefix = key.removesuffix(suffix).rstrip("-_")
         values = [_number((line.get(source) or {}).get(key)) for line in lines]
         name = f"{prefix} ({SOURCE_NAMES[source]})" if prefix else SOURCE_NAMES[source]
-        series.append(html.Series(name, rounds, values))
+        series.append(html_page.Series(name, rounds, values))
     return _rounds_chart(series, title, y_label, marker, chance)
 
 
 def _rounds_chart(
-    series: list[html.Series], title: str, y_label: str, marker: Marker, chance: bool
+    series: list[html_page.Series], title: str, y_label: str, marker: Marker, chance: bool
 ) -> str:
-    return html.line_chart(
+    return html_page.line_chart(
         series,
         title=title,
         x_label="round",
@@ -257,11 +257,11 @@ def _site_evaluation_charts(cards: dict[int, dict[str, Any]], marker: Marker) ->
     for split in ("tune", "test"):
         per_site = values.get(f"{split}{AUC}")
         if not per_site:
-            charts.append(html.paragraph(f"No site reported a {split} AUC."))
+            charts.append(html_page.paragraph(f"No site reported a {split} AUC."))
             continue
         low, high = values.get(f"{split}{AUC}_low", {}), values.get(f"{split}{AUC}_high", {})
         series = [
-            html.Series(
+            html_page.Series(
                 site,
                 rounds,
                 [by_round.get(r) for r in rounds],
@@ -287,10 +287,10 @@ def _participation(lines: list[dict[str, Any]]) -> str:
         ]
         for line in lines
     ]
-    note = html.paragraph(
+    note = html_page.paragraph(
         "Cells: scans each site trained on in that round; hatched: the site took no part."
     )
-    return note + html.table(["round", *sites, "failures", "kept previous model"], rows)
+    return note + html_page.table(["round", *sites, "failures", "kept previous model"], rows)
 
 
 def _site_charts(cards: dict[int, dict[str, Any]], marker: Marker) -> list[str]:
@@ -303,12 +303,12 @@ def _site_charts(cards: dict[int, dict[str, Any]], marker: Marker) -> list[str]:
         ],
     )
     if not values:
-        return [html.paragraph("The model cards hold no per-site train metrics.")]
+        return [html_page.paragraph("The model cards hold no per-site train metrics.")]
     rounds = sorted(cards)
     return [
         _rounds_chart(
             [
-                html.Series(site, rounds, [by_round.get(r) for r in rounds])
+                html_page.Series(site, rounds, [by_round.get(r) for r in rounds])
                 for site, by_round in sorted(per_site.items())
             ],
             f"{name} per site",
@@ -329,7 +329,7 @@ def shown_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
 
 def _card(card: dict[str, Any] | None) -> str:
     if card is None:
-        return html.paragraph("No model card found for this round.")
+        return html_page.paragraph("No model card found for this round.")
     run = card.get("run") or {}
     overview = [
         ["round", card.get("round")],
@@ -341,7 +341,7 @@ def _card(card: dict[str, Any] | None) -> str:
         ["Flower run id", run.get("flower_run_id")],
         ["software", ", ".join(f"{k} {v}" for k, v in (card.get("software") or {}).items())],
     ]
-    parts = [html.facts([row for row in overview if row[1] not in (None, "")])]
+    parts = [html_page.facts([row for row in overview if row[1] not in (None, "")])]
     sections = {
         "model config": card.get("model_config"),
         "run config": shown_run_config(card.get("run_config") or {}),
@@ -351,10 +351,14 @@ def _card(card: dict[str, Any] | None) -> str:
     for title, content in sections.items():
         if isinstance(content, dict) and content:
             rows = [[name, _plain(value)] for name, value in sorted(content.items())]
-            parts.append(html.heading(title) + html.table(["key", "value"], rows))
+            parts.append(html_page.heading(title) + html_page.table(["key", "value"], rows))
     if not (card.get("run_config") or {}).get("dp"):
-        parts.append(html.paragraph("DP was off; the dp-* settings are left out.", warning=False))
-    parts.append(html.preformatted(json.dumps(card, indent=2, sort_keys=True), "the whole card"))
+        parts.append(
+            html_page.paragraph("DP was off; the dp-* settings are left out.", warning=False)
+        )
+    parts.append(
+        html_page.preformatted(json.dumps(card, indent=2, sort_keys=True), "the whole card")
+    )
     return "\n".join(parts)
 
 
@@ -391,7 +395,7 @@ def _cell_notes(
 
 def _cross_site(path: Path) -> list[str]:
     if not path.exists():
-        return [html.paragraph(f"This run has no {CROSS_SITE}.")]
+        return [html_page.paragraph(f"This run has no {CROSS_SITE}.")]
     try:
         content = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -405,7 +409,7 @@ def _cross_site(path: Path) -> list[str]:
         for model in models
     ]
     parts = [
-        html.paragraph(
+        html_page.paragraph(
             "Rows: the site whose test split was scored; columns: the model scored — the "
             "global model after the last round, or a site's own model (its weights after the "
             "last round it trained in). Under each AUC: the scans scored (n) and the site's "
@@ -427,9 +431,9 @@ def _cross_site(path: Path) -> list[str]:
                 f"{path}: {key} must be {len(sites)} rows (sites) of {len(models)} numbers or "
                 "null (models)"
             )
-        parts.append(html.heading(title))
+        parts.append(html_page.heading(title))
         parts.append(
-            html.heatmap_table(
+            html_page.heatmap_table(
                 sites,
                 columns,
                 matrix,
