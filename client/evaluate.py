@@ -33,6 +33,7 @@ from client.evaluation_report import UNTUNED, ci_text, render_report
 from common import html_page
 from common.bootstrap import full_report, roc_band
 from common.cache import (
+    RUN_CONFIG_KEYS,
     CacheDataset,
     CacheError,
     atomic_open,
@@ -45,7 +46,6 @@ from common.cache import (
 )
 from common.cam import class_activation_maps, overlay
 from common.checkpoint_io import (
-    PREPARE_KEYS,
     CheckpointLoadError,
     LoadedModel,
     jsonable,
@@ -230,7 +230,7 @@ def _cache_for(
     settings, missing = prepare_settings_from_card(loaded.card, loaded.card_path)
     if missing:
         notes.append(
-            f"the model card's run config lacks {', '.join(PREPARE_KEYS[m] for m in missing)}; "
+            f"the model card's run config lacks {', '.join(RUN_CONFIG_KEYS[m] for m in missing)}; "
             f"PrepareConfig defaults assumed: {_settings_text(settings, missing)}"
         )
     data = Path(args.data)

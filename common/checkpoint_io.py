@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from common.cache import RUN_CONFIG_KEYS
 from common.model import ModelConfig, SliceClassifier, build_model
 from common.operating_point import OperatingPoint
 from common.prepare import PrepareConfig
@@ -29,7 +30,6 @@ from common.prepare import PrepareConfig
 CARD_SUFFIX = ".card.json"
 WEIGHTS_SUFFIX = ".safetensors"
 # Run-config keys holding the cache settings the model was trained on (PrepareConfig names).
-PREPARE_KEYS = {"size": "image-size", "fraction": "slice-fraction", "normalize": "normalize"}
 
 
 class CheckpointLoadError(ValueError):
@@ -125,7 +125,7 @@ def prepare_settings_from_card(
     settings = PrepareConfig().cache_settings()
     missing = []
     for name, default in settings.items():
-        key = PREPARE_KEYS[name]
+        key = RUN_CONFIG_KEYS[name]
         if key not in run_config:
             missing.append(name)
             continue

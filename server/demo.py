@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common.cache import CacheError
+from common.cache import RUN_CONFIG_KEYS, CacheError
 from common.console import err, out
 from common.prepare import PrepareConfig, prepare
 from common.qa import print_summary
@@ -115,9 +115,7 @@ def demo_run_config(config: dict[str, Any]) -> dict[str, Any]:
             **run,
             "site-caches": ",".join(map(str, sites)),
             "external-caches": f"{EXTERNAL}={external}",
-            "image-size": prepared["size"],
-            "slice-fraction": prepared["fraction"],
-            "normalize": prepared["normalize"],
+            **{key: prepared[name] for name, key in RUN_CONFIG_KEYS.items()},
         }
     )
 
