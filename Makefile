@@ -26,7 +26,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py
-	$(BIN)/python -m bench.fl_vs_baselines
+	$(BIN)/python -m bench.fl_vs_baselines --strategies fedavg,fedbn
 	$(BIN)/python -m bench.fl_overhead
 	$(BIN)/python -m bench.dp_utility
 

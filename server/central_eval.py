@@ -6,7 +6,8 @@ set such as MosMedData maps onto it), ``sens_covid`` and ``spec_covid`` at a COV
 probability of 0.5, ``accuracy`` (3-class), ``loss`` (cross entropy), ``n``, and the AUC's
 95 % patient-bootstrap interval ``auc_covid_ci_low`` / ``auc_covid_ci_high`` (1000 resamples,
 seed 0: cheap next to scoring the scans, and what a reader of the round table needs to judge a
-difference between rounds).
+difference between rounds).  Patients are resampled in the order of their pixels' digests, as
+``fedct evaluate`` does, so the interval does not depend on the cache's pseudonym salt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from flwr.common import log
 
 from common.bootstrap import auc_interval
-from common.cache import CacheDataset, make_loader
+from common.cache import CacheDataset, make_loader, patient_content_keys
 from common.metrics import summarize
 from common.training import evaluate
 from server.global_model import GlobalModel
@@ -32,8 +33,10 @@ class CentralEvaluator:
     ) -> None:
         self.model = model
         self.device = device
-        self.loaders = {
-            name: make_loader(CacheDataset(path), batch_size) for name, path in caches.items()
+        datasets = {name: CacheDataset(path) for name, path in caches.items()}
+        self.loaders = {name: make_loader(data, batch_size) for name, data in datasets.items()}
+        self.patient_keys = {
+            name: patient_content_keys(data.cache_dir, data.rows) for name, data in datasets.items()
         }
 
     @classmethod
@@ -54,7 +57,9 @@ class CentralEvaluator:
             summary = summarize(result.labels, result.probs)
             metrics.update({f"{name}-{key}": value for key, value in summary.items()})
             metrics[f"{name}-loss"] = result.loss
-            low, high = auc_interval(result.labels, result.probs, result.patient_ids, n_boot=1000)
+            keys = self.patient_keys[name]
+            boot_ids = [keys[patient] for patient in result.patient_ids]
+            low, high = auc_interval(result.labels, result.probs, boot_ids, n_boot=1000)
             metrics.update({f"{name}-auc_covid_ci_low": low, f"{name}-auc_covid_ci_high": high})
             log(
                 INFO,

@@ -24,7 +24,9 @@ from common.model import ModelConfig, build_model
 from common.operating_point import choose_operating_point
 from common.prepare import PrepareConfig, prepare
 from common.training import evaluate
+from server.central_eval import CentralEvaluator
 from server.checkpoints import RunDirectory
+from server.global_model import GlobalModel
 
 TINY = ModelConfig(backbone="test_efficientnet")
 TINY_PREPARE = {"image-size": 32, "slice-fraction": 0.5, "normalize": "ai-corona"}
@@ -217,6 +219,23 @@ def test_a_raw_folder_and_its_prepared_cache_give_the_same_intervals(tmp_path: P
     assert raw["curves"]["roc"]["band"] == cached["curves"]["roc"]["band"]
     low, high = raw["metrics"]["auc_covid"]["ci"]
     assert low < high
+
+
+def test_the_central_evaluations_interval_does_not_depend_on_the_salt(tmp_path: Path) -> None:
+    """The coordinator's external cache, prepared twice (two salts): the same round gives
+    the same AUC interval."""
+    write_mosmed(tmp_path / "mosmed", studies=12)
+    cfg = PrepareConfig(size=32, fraction=0.5, normalize="ai-corona", splits=(0.0, 0.0, 1.0))
+    metrics = []
+    for name in ("first", "second"):
+        prepare(tmp_path / "mosmed", tmp_path / name, cfg, progress=False)
+        evaluator = CentralEvaluator(
+            GlobalModel(TINY, seed=0), {"m": tmp_path / name}, batch_size=2, device="cpu"
+        )
+        metrics.append(evaluator())
+    assert (tmp_path / "first" / ".salt").read_text() != (tmp_path / "second" / ".salt").read_text()
+    assert metrics[0] == metrics[1]
+    assert metrics[0]["m-auc_covid_ci_low"] < metrics[0]["m-auc_covid_ci_high"]
 
 
 def test_missing_prepare_settings_fall_back_to_defaults_and_say_so() -> None:
