@@ -17,7 +17,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
+import multiprocessing
+import os
+import queue
+import signal
 import sys
 import time
 from collections import Counter
@@ -25,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
@@ -151,9 +156,11 @@ def synthesize(
     *,
     mosmed_studies: int | None = None,
     difficulty: Difficulty | None = None,
+    workers: int | None = None,
 ) -> CohortSummary:
     """Write a whole cohort under ``out`` (which must be empty or absent).  ``scans_per_site``
-    and ``mosmed_studies`` override the profile's numbers."""
+    and ``mosmed_studies`` override the profile's numbers; the sites and external sets are
+    written by ``workers`` processes at once (default: one per CPU core)."""
     if profile not in SIZES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(SIZES)}")
     if sites < 1:
@@ -167,6 +174,7 @@ def synthesize(
         raise FileExistsError(f"{out} is not empty; synthesize into a new folder")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    workers = workers or os.cpu_count() or 1
     size = SIZES[profile]
     difficulty = difficulty or Difficulty()
     n_scans = scans_per_site or size.scans_per_site
@@ -180,31 +188,38 @@ def synthesize(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
+    parts: list[_Part] = []
+    for i in range(sites):
+        hospital = HOSPITALS[i % len(HOSPITALS)]
+        writer = _SiteWriter(out / "sites" / site_name(i), hospital, size, difficulty)
+        parts.append(
+            _Part(
+                f"{site_name(i)} ({hospital.name})",
+                n_scans,
+                functools.partial(writer.write, seed, i, n_scans),
+            )
+        )
+    if external:
+        counts = _apportion(MOSMED_SHARES, n_mosmed)
+        mosmed = functools.partial(
+            _write_mosmed, out / "external" / "mosmed", size, seed, counts, difficulty
+        )
+        parts.append(_Part("external/mosmed", sum(counts), mosmed))
+        plan = _plan_ccccii(seed, size)
+        ccccii = functools.partial(
+            _write_ccccii, out / "external" / "ccccii", size, seed, plan, difficulty
+        )
+        parts.append(_Part("external/ccccii", len(plan), ccccii))
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        for i in range(sites):
-            hospital = HOSPITALS[i % len(HOSPITALS)]
-            name = site_name(i)
-            task = bar.add_task(f"{name} ({hospital.name})", total=n_scans)
-            writer = _SiteWriter(out / "sites" / name, hospital, size, difficulty)
-            result = writer.write(seed, i, n_scans, lambda t=task: bar.advance(t))
-            site_counts[name] = result.labels
-            site_meta[name] = {"profile": hospital.name, **dataclasses.asdict(result)}
-        if external:
-            counts = _apportion(MOSMED_SHARES, n_mosmed)
-            task = bar.add_task("external/mosmed", total=sum(counts))
-            ext_counts["mosmed"] = _write_mosmed(
-                out / "external" / "mosmed",
-                size,
-                seed,
-                counts,
-                difficulty,
-                lambda: bar.advance(task),
-            )
-            plan = _plan_ccccii(seed, size)
-            task = bar.add_task("external/ccccii", total=len(plan))
-            ext_counts["ccccii"] = _write_ccccii(
-                out / "external" / "ccccii", size, seed, plan, difficulty, lambda: bar.advance(task)
-            )
+        results = _write_parts(parts, bar, workers)
+    for i, result in enumerate(results[:sites]):
+        site_counts[site_name(i)] = result.labels
+        site_meta[site_name(i)] = {
+            "profile": HOSPITALS[i % len(HOSPITALS)].name,
+            **dataclasses.asdict(result),
+        }
+    if external:
+        ext_counts["mosmed"], ext_counts["ccccii"] = results[sites:]
     record = {
         "generator": "fedct synth",
         "profile": profile,
@@ -228,6 +243,52 @@ def synthesize(
         bytes=sum(p.stat().st_size for p in files),
         seconds=time.perf_counter() - started,
     )
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One independently seeded part of a cohort (a site, an external set): its progress
+    label, its scan count, and the call that writes it given a per-scan callback."""
+
+    label: str
+    scans: int
+    write: Callable[[Callable[[], None]], object]
+
+
+# Set in the parent before forking the workers, so the parts' writers need no pickling.
+_PARTS: list[_Part] = []
+_DONE: Any = None  # a queue of part indices, one per scan written
+
+
+def _write_part(index: int) -> object:
+    return _PARTS[index].write(lambda: _DONE.put(index))
+
+
+def _write_parts(parts: list[_Part], bar: Progress, workers: int) -> list[object]:
+    """Each part's result, in order.  Every part draws from its own seeded generators, so
+    ``workers`` processes write the same bytes as one."""
+    global _PARTS, _DONE
+    tasks = [bar.add_task(part.label, total=part.scans) for part in parts]
+    if workers <= 1 or len(parts) <= 1:
+        pairs = zip(tasks, parts, strict=True)
+        return [part.write(lambda t=t: bar.advance(t)) for t, part in pairs]
+    context = multiprocessing.get_context("fork")
+    _PARTS, _DONE = parts, context.Queue()
+    try:
+        ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
+        with context.Pool(min(workers, len(parts)), signal.signal, ignore_sigint) as pool:
+            pending = pool.map_async(_write_part, range(len(parts)), chunksize=1)
+            while not pending.ready():
+                try:
+                    bar.advance(tasks[_DONE.get(timeout=0.2)])
+                except queue.Empty:
+                    continue
+            results = pending.get()
+        while not _DONE.empty():
+            bar.advance(tasks[_DONE.get()])
+        return results
+    finally:
+        _PARTS, _DONE = [], None
 
 
 def site_name(index: int) -> str:
