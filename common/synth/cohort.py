@@ -284,8 +284,8 @@ def _write_parts(parts: list[_Part], bar: Progress, workers: int) -> list[object
                 except queue.Empty:
                     continue
             results = pending.get()
-        while not _DONE.empty():
-            bar.advance(tasks[_DONE.get()])
+        for task, part in zip(tasks, parts, strict=True):
+            bar.update(task, completed=part.scans)  # ticks still in the queue's pipe
         return results
     finally:
         _PARTS, _DONE = [], None
