@@ -1,7 +1,7 @@
 """What patient-level DP costs: external COVID-19 AUC at ε ∈ {1, 3, 8, ∞} on the demo cohort.
 
 The train splits of the demo hospitals are pooled and trained on centrally with patient-level
-DP-SGD (common/privacy.py; the same code a site runs), the noise chosen by opacus for each
+DP-SGD (common/training/privacy.py; the same code a site runs), the noise chosen by opacus for each
 target ε over the whole training (δ = 0.1 / patients).  ε = ∞ is ordinary training
 (common/training.train_local) with the same optimizer, learning rate, epochs and batch
 size in scans.  Each model is scored on every scan of the external cache (MosMed-like).
@@ -35,15 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset
 
-from common.cache import CacheDataset, CacheError, ScanItem, make_loader
-from common.device import DeviceError, pick_device
-from common.metrics import summarize
-from common.model import ModelConfig, SliceClassifier, build_model
-from common.privacy import DPSettings, PrivacyError, train_private
-from common.privacy_accounting import PrivacyLedger
-from common.training import TrainConfig, evaluate, train_local
-from common.weights import weights_spec
-from server.demo import load_config
+from fedct.common.cache.dataset import CacheDataset, ScanItem, make_loader
+from fedct.common.cache.store import CacheError
+from fedct.common.metrics.classification import summarize
+from fedct.common.model.classifier import ModelConfig, SliceClassifier, build_model
+from fedct.common.model.weights import weights_spec
+from fedct.common.training.accounting import PrivacyLedger
+from fedct.common.training.device import DeviceError, pick_device
+from fedct.common.training.loop import TrainConfig, evaluate, train_local
+from fedct.common.training.privacy import DPSettings, PrivacyError, train_private
+from fedct.server.launch.demo import load_config
 
 RESULTS = Path(__file__).parent / "results" / "dp_utility.json"
 EXTERNAL = "mosmed"

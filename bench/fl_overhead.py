@@ -31,19 +31,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from common.cache import CacheError
-from server.central_eval import CentralEvaluator
-from server.checkpoints import CheckpointError, RunDirectory
-from server.demo import demo_run_config, load_config, resources
-from server.global_model import GlobalModel
-from server.settings import ServerSettings
-from server.simulate import (
+from fedct.common.cache.store import CacheError
+from fedct.common.run.directory import CheckpointError, RunDirectory
+from fedct.server.central_eval import CentralEvaluator
+from fedct.server.global_model import GlobalModel
+from fedct.server.launch.demo import demo_run_config, load_config, resources
+from fedct.server.launch.simulate import (
     Resources,
     SimulateError,
     apply_assignments,
     resolve_paths,
     simulate,
 )
+from fedct.server.settings import ServerSettings
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "runs"

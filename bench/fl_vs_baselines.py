@@ -4,9 +4,9 @@ Prepares the demo's data as ``fedct demo`` does (cohort and caches reused when p
 the federation of the config's ``[run]`` section once per strategy of ``--strategies``
 (``fedct simulate``), then the baselines ``fedct demo`` runs — centralized on the pooled site
 caches and each site alone, same model, settings, seed and epochs
-(``server.baselines.compare_with_baselines``).  Prints one table — each arm's external AUC with
-its 95 % CI at the round its own tuning data pick and at its last round, and the seconds
-taken — and writes the figures to bench/results/fl_vs_baselines.json.
+(``fedct.server.launch.baselines.compare_with_baselines``).  Prints one table — each arm's
+external AUC with its 95 % CI at the round its own tuning data pick and at its last round,
+and the seconds taken — and writes the figures to bench/results/fl_vs_baselines.json.
 
     python -m bench.fl_vs_baselines [--config configs/demo.toml] [--strategies fedavg,fedbn]
         [--set KEY=VALUE ...]
@@ -30,13 +30,13 @@ from bench.fl_overhead import (
     prepare_demo,
     simulate_fresh,
 )
-from server.baselines import (
+from fedct.server.launch.baselines import (
     compare_with_baselines,
     comparison_rows,
     comparison_table,
     external_result,
 )
-from server.settings import app_defaults, parse_external_caches
+from fedct.server.settings import app_defaults, parse_external_caches
 
 WORK = RUNS / "fl_vs_baselines"
 SECONDS_NOTE = (

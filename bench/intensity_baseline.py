@@ -24,8 +24,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from bench.fl_overhead import BENCH_ERRORS, machine, prepare_demo
-from common.cache import CacheDataset
-from common.classes import GLOBAL_CLASSES
+from fedct.common.cache.dataset import CacheDataset
+from fedct.common.classes import GLOBAL_CLASSES
 
 RESULTS = Path(__file__).parent / "results"
 BINS = 32

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.prepare import PrepareConfig, prepare
-from common.selection import middle_slices
-from common.synth.cohort import render_scan
-from common.synth.dicom_writer import ScannerProfile, SeriesSpec, make_uid, write_ct_series
+from fedct.common.cache.config import PrepareConfig
+from fedct.common.cache.prepare import prepare
+from fedct.common.cache.selection import middle_slices
+from fedct.common.synth.cohort import render_scan
+from fedct.common.synth.dicom_writer import ScannerProfile, SeriesSpec, make_uid, write_ct_series
 
 RESULTS = Path(__file__).parent / "results" / "preprocess.json"
 

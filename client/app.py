@@ -2,10 +2,10 @@
 
 The site is taken from the node config (``data-path``, ``site``, optional ``device``) or, in
 simulation, from ``partition-id`` and the run config's ``site-caches``: see
-:mod:`client.site_data`.  Replies carry one ArrayRecord (train only), one MetricRecord whose
+:mod:`fedct.client.site_data`.  Replies carry one ArrayRecord (train only), one MetricRecord whose
 keys are the same at every site, and a ``site`` ConfigRecord with the site's name.  Every
-reply passes the egress guard of :mod:`client.egress` on its way out; a site problem is an
-error reply naming the site (:mod:`client.site_errors`).
+reply passes the egress guard of :mod:`fedct.client.egress` on its way out; a site problem is an
+error reply naming the site (:mod:`fedct.client.site_errors`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.egress import egress_guard
-from client.local import evaluate_site, train_site
-from client.site_data import Site, resolve_site
-from client.site_errors import site_errors
+from fedct.client.egress import egress_guard
+from fedct.client.local import evaluate_site, train_site
+from fedct.client.site_data import Site, resolve_site
+from fedct.client.site_errors import site_errors
 
 app = ClientApp(mods=[site_errors, egress_guard])
 

@@ -9,7 +9,7 @@ The approvals file (JSON, written only through ``fedct site``; this module is it
 
 A run's bundle (FAB) may run at the site when its sha256 is in ``bundles``, or when the run
 config's ``app-signature`` holds a signature over that sha256 by a key in ``keys``
-(common/app_signing.py).  Before either, the bundle must agree with what the run says about it
+(common/trust/app_signing.py).  Before either, the bundle must agree with what the run says about it
 (hash, app id, version): ``flwr-clientapp`` picks the installed app by those values.  The
 decision reads only bytes: nothing from the bundle is imported.
 
@@ -30,8 +30,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client.egress import append_line
-from common.app_signing import (
+from fedct.client.egress import append_line
+from fedct.common.trust.app_signing import (
     BundleError,
     key_id,
     parse_public_key,

@@ -24,12 +24,13 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.common import log
 
-from client.site_data import Site
-from common.cache import CacheDataset, atomic_open
-from common.model import SliceClassifier
-from common.privacy import DPSettings, check_private_training, train_private
-from common.privacy_accounting import LedgerError, PrivacyLedger
-from common.training import TrainConfig, TrainResult
+from fedct.client.site_data import Site
+from fedct.common.cache.dataset import CacheDataset
+from fedct.common.cache.store import atomic_open
+from fedct.common.model.classifier import SliceClassifier
+from fedct.common.training.accounting import LedgerError, PrivacyLedger
+from fedct.common.training.loop import TrainConfig, TrainResult
+from fedct.common.training.privacy import DPSettings, check_private_training, train_private
 
 LEDGER_FILE = "dp-ledger.json"
 

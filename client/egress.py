@@ -5,7 +5,7 @@ Allowed in a reply:
 
 * arrays only in a reply to a ``train`` message: one ArrayRecord, named as the one received,
   holding exactly the model's travelling state (every parameter and buffer, or the head only
-  with a frozen backbone) packed as common/transport.py packs it: one array of every
+  with a frozen backbone) packed as common/federation/transport.py packs it: one array of every
   floating-point value in the ``transport-dtype`` and one of the integer values, each of the
   model's size.  The model is the one described by the ``model-config`` of the incoming
   message, built on the meta device;
@@ -39,10 +39,10 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
-from client.site_data import resolve_site
-from common.model import ModelConfig, build_model, travelling_state
-from common.operating_point_hist import BINS_KEY, COVID_KEY, OTHER_KEY
-from common.transport import Layout
+from fedct.client.site_data import resolve_site
+from fedct.common.federation.transport import Layout
+from fedct.common.metrics.pooled_operating_point import BINS_KEY, COVID_KEY, OTHER_KEY
+from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
 
 AUDIT_FILE = "fedct-audit.jsonl"
 CONFIG_RECORD = "config"

@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import load, save
 from torch import nn
 
-from common.cache import atomic_open
-from common.model import bn_state_keys
+from fedct.common.cache.store import atomic_open
+from fedct.common.model.classifier import bn_state_keys
 
 
 def local_bn_path(state_dir: Path, run_key: str) -> Path:

@@ -8,7 +8,6 @@ never a scan or a patient.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from logging import INFO
 
@@ -17,23 +16,26 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common import log
 
-from client.dp import decline_without_dp, dp_enabled, train_site_private
-from client.fedbn import local_bn_path, restore_local_bn, save_local_bn
-from client.site_data import Site
-from common.bootstrap import auc_interval
-from common.cache import CacheDataset, make_loader
-from common.classes import GLOBAL_CLASSES
-from common.metrics import summarize
-from common.model import (
+from fedct.client.dp import decline_without_dp, dp_enabled, train_site_private
+from fedct.client.fedbn import local_bn_path, restore_local_bn, save_local_bn
+from fedct.client.site_data import Site
+from fedct.common.cache.dataset import CacheDataset, make_loader
+from fedct.common.classes import GLOBAL_CLASSES
+from fedct.common.federation.transport import Layout, check_layout
+from fedct.common.metrics.pooled_operating_point import (
+    BINS_KEY,
+    COVID_KEY,
+    OTHER_KEY,
+    score_histograms,
+)
+from fedct.common.model.classifier import (
     ModelConfig,
     SliceClassifier,
     build_model,
     load_travelling_state,
     travelling_state,
 )
-from common.operating_point_hist import BINS_KEY, COVID_KEY, OTHER_KEY, score_histograms
-from common.training import TrainConfig, evaluate, train_local
-from common.transport import Layout, check_layout
+from fedct.common.training.loop import TrainConfig, score_split, train_local
 
 
 class SiteDataError(ValueError):
@@ -60,7 +62,7 @@ def model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceCla
 
 def outgoing_arrays(model: SliceClassifier, transport: str) -> ArrayRecord:
     """The model's travelling state packed for the coordinator, floating-point entries in the
-    ``transport`` dtype (common/transport.py)."""
+    ``transport`` dtype (common/federation/transport.py)."""
     state = travelling_state(model, model.cfg)
     return Layout.of(state).pack(state, transport)
 
@@ -87,13 +89,8 @@ def train_site(
     )
     if len(data) == 0:
         raise SiteDataError(f"site {site.name} has no training scans")
-    train_cfg = TrainConfig(
-        local_epochs=int(config["local-epochs"]),
-        lr=float(config["lr"]),
-        batch_size=int(config["batch-size"]),
-        optimizer=str(config["optimizer"]),  # type: ignore[arg-type]
-        weight_decay=float(config["weight-decay"]),
-        class_weighting=str(config["class-weighting"]),  # type: ignore[arg-type]
+    train_cfg = TrainConfig.from_config(
+        config,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         device=site.device,
         seed=int(config["seed"]) + server_round,
@@ -129,18 +126,6 @@ def train_site(
     return outgoing_arrays(model, str(config["transport-dtype"])), metrics
 
 
-def _split_scores(
-    model: SliceClassifier, site: Site, split: str, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
-    """(labels, probabilities, loss, patient ids) of the split; empty arrays and NaN for an
-    empty split."""
-    data = CacheDataset(site.cache_dir, [split])
-    if len(data) == 0:
-        return np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))), math.nan, []
-    result = evaluate(model, make_loader(data, batch_size), site.device)
-    return result.labels, result.probs, result.loss, result.patient_ids
-
-
 def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord:
     """Score the global model on the splits in ``config["splits"]`` (e.g. ``"tune,test"``).
 
@@ -149,8 +134,9 @@ def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> Metr
     resamples), the same at every site (NaN where a site lacks a class or the split);
     ``num-examples`` is the number of scans scored.  When the config names a histogram size
     (``BINS_KEY``), the tune split's scores are also summed into per-bin counts of COVID-19
-    and other scans for the federated operating point (common/operating_point_hist.py): only
-    counts leave the site, never a scan's score; a site without a tune split sends zeros.
+    and other scans for the federated operating point
+    (common/metrics/pooled_operating_point.py): only counts leave the site, never a scan's
+    score; a site without a tune split sends zeros.
     """
     model = model_for(site, config, arrays)
     splits = [s.strip() for s in str(config["splits"]).split(",") if s.strip()]
@@ -158,16 +144,18 @@ def evaluate_site(site: Site, arrays: ArrayRecord, config: ConfigRecord) -> Metr
         splits.append("tune")
     metrics: dict[str, float | list[int]] = {}
     for split in splits:
-        labels, probs, loss, patients = _split_scores(model, site, split, int(config["batch-size"]))
-        low, high = auc_interval(labels, probs, patients) if patients else (math.nan, math.nan)
-        summary = {
-            **summarize(labels, probs),
-            "loss": loss,
-            "auc_covid_low": low,
-            "auc_covid_high": high,
-        }
-        metrics.update({f"{split}-{key}": value for key, value in summary.items()})
+        scores, result = score_split(
+            model,
+            CacheDataset(site.cache_dir, [split]),
+            split,
+            batch_size=int(config["batch-size"]),
+            device=site.device,
+            interval=("auc_covid_low", "auc_covid_high"),
+        )
+        metrics.update(scores)
         if split == "tune" and BINS_KEY in config:
+            labels = result.labels if result else np.zeros(0, np.int64)
+            probs = result.probs if result else np.zeros((0, len(GLOBAL_CLASSES)))
             covid, other = score_histograms(labels, probs, int(config[BINS_KEY]))
             metrics.update({COVID_KEY: covid.tolist(), OTHER_KEY: other.tolist()})
     scored = int(sum(metrics[f"{split}-n"] for split in splits))

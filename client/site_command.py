@@ -11,60 +11,19 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from client.approvals import Approvals, ApprovalsError, audit, now
-from client.site_supernode import LaunchError, launch
-from common.app_signing import BundleError, bundle_of, key_id, parse_public_key
+from fedct.client.approvals import Approvals, ApprovalsError, audit, now
+from fedct.client.site_supernode import LaunchError, launch
+from fedct.common.trust.app_signing import BundleError, bundle_of, key_id, parse_public_key
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 console = Console(stderr=True, soft_wrap=True)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="site_command", required=True, metavar="SUBCOMMAND")
-
-    def command(name: str, summary: str, *, audited: bool) -> argparse.ArgumentParser:
-        sub_parser = sub.add_parser(name, help=summary, description=summary)
-        sub_parser.add_argument(
-            "--approvals", required=True, type=Path, help="the site's approvals file (JSON)"
-        )
-        if audited:
-            sub_parser.add_argument(
-                "--audit-log",
-                required=True,
-                type=Path,
-                help="the site's audit log (the node config's audit-log)",
-            )
-            sub_parser.add_argument("--note", default="", help="why, by whom (kept in the file)")
-        return sub_parser
-
-    approve = command("approve", "approve one app bundle by its sha256", audited=True)
-    what = approve.add_mutually_exclusive_group(required=True)
-    what.add_argument("app", type=Path, nargs="?", help="an audited checkout, or a .fab")
-    what.add_argument("--sha256", help="the bundle's sha256 (`fedct app hash`)")
-    trust = command("trust-key", "run every bundle signed by this release key", audited=True)
-    trust.add_argument("public_key", type=Path, help="the release manager's NAME.pub")
-    revoke = command("revoke", "withdraw a bundle's approval or a key's trust", audited=True)
-    revoke.add_argument("id", help="a bundle's sha256 or a key id (`fedct site list`)")
-    command("list", "print the approved bundles and trusted keys", audited=False)
-    supernode = command(
-        "supernode",
-        "run flower-supernode, refusing every app bundle not approved here",
-        audited=False,
-    )
-    supernode.add_argument(
-        "flower_args",
-        nargs=argparse.REMAINDER,
-        metavar="-- FLOWER_SUPERNODE_ARGS",
-        help="flower-supernode's arguments, after --",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from flwr.app import UserConfig
 
-from common.cache import CacheError, check_run_settings
-from common.weights import weights_spec
+from fedct.common.cache.store import CacheError, check_run_settings
+from fedct.common.model.weights import weights_spec
 
 
 class SiteConfigError(ValueError):
@@ -31,7 +31,7 @@ class Site:
     cache_dir: Path
     device: str
     state_dir: Path
-    pretrained_weights: str | None  # None, "imagenet" or an absolute path (common/weights.py)
+    pretrained_weights: str | None  # None, "imagenet" or an absolute path (common/model/weights.py)
     epsilon_budget: float | None = None  # the site's ε limit over all DP runs (docs/privacy.md)
 
 

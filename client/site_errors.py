@@ -5,7 +5,7 @@ a weights layout of another version, a spent privacy budget) into an error reply
 Flower would log each such exception with its traceback in the hospital's SuperExec log and
 send the coordinator ``<class ...>:<'message'>``.  This mod logs one line naming the site and
 the problem and replies with an error whose reason carries the site's name
-(common/site_error.py), so the coordinator's card names the site even when it never
+(common/federation/site_error.py), so the coordinator's card names the site even when it never
 succeeded.  Anything else — a bug — keeps Flower's traceback.
 """
 
@@ -18,13 +18,13 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
-from client.dp import PrivacyBudgetExceeded
-from client.local import SiteDataError
-from client.site_data import SiteConfigError, declared_name
-from common.cache import CacheError
-from common.privacy_accounting import LedgerError
-from common.site_error import site_error_reason
-from common.transport import TransportError
+from fedct.client.dp import PrivacyBudgetExceeded
+from fedct.client.local import SiteDataError
+from fedct.client.site_data import SiteConfigError, declared_name
+from fedct.common.cache.store import CacheError
+from fedct.common.federation.site_error import site_error_reason
+from fedct.common.federation.transport import TransportError
+from fedct.common.training.accounting import LedgerError
 
 EXPECTED = (
     SiteConfigError,

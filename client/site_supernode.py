@@ -29,7 +29,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supernode import start_client_internal
 from flwr.supernode.cli import flower_supernode
 
-from client.approvals import (
+from fedct.client.approvals import (
     Approvals,
     ApprovalsError,
     Decision,
@@ -38,8 +38,8 @@ from client.approvals import (
     audit_decision,
     decide,
 )
-from client.egress import audit_log_path
-from common.app_signing import SIGNATURE_KEY
+from fedct.client.egress import audit_log_path
+from fedct.common.trust.app_signing import SIGNATURE_KEY
 
 # The parameters of the wrapped Flower function this module was written against.
 _WRAPPED = "_pull_and_store_message"

@@ -1,10 +1,12 @@
 """The ``fedct`` command: subcommands are registered as ``fedct.commands`` entry points.
 
-Each entry point names a module with ``add_arguments(parser)`` and ``run(args) -> int`` and
-a module docstring whose first line is the help text.  Only the module of the command being
-run is imported (``fedct --help`` reads the docstrings from the modules' source), so
-``common`` needs no import of ``client`` or ``server`` and the overview answers without
-loading torch or Flower.  Every command
+Each entry point names a :class:`Command` in one of the light ``commands`` modules
+(common/commands.py, client/commands.py, server/commands.py): the module that runs it, with
+``run(args) -> int`` and a docstring whose first line is the help text, and the function
+that adds its options.  Building the parser imports only those light modules (the help text
+is read from the running module's source), so ``fedct --help`` and ``fedct CMD --help``
+answer without loading torch or Flower, and ``common`` needs no import of ``client`` or
+``server``; the running module is imported only when the command runs.  Every command
 takes ``--verbose`` (DEBUG logs, and Flower's and Ray's own output), and every option's help
 ends with its default.
 
@@ -20,15 +22,28 @@ import argparse
 import ast
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
 from importlib.util import find_spec
 from pathlib import Path
 
-from common.console import configure_logging
-from common.provenance import software_versions
+from fedct.common.console import configure_logging
+from fedct.common.provenance import software_versions
 
 DESCRIPTION = "fedct: federated COVID-19 chest-CT classification across hospitals"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``fedct`` subcommand: ``module`` runs it, ``add_arguments`` adds its options."""
+
+    module: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+
+    def run(self, args: argparse.Namespace) -> int:
+        return int(import_module(self.module).run(args))
 
 
 def _summary(module_name: str, name: str) -> str:
@@ -41,8 +56,8 @@ def _summary(module_name: str, name: str) -> str:
     return first[:1].upper() + first[1:]
 
 
-def _commands() -> dict[str, str]:
-    return {ep.name: ep.value for ep in entry_points(group="fedct.commands")}
+def _commands() -> dict[str, Command]:
+    return {ep.name: ep.load() for ep in entry_points(group="fedct.commands")}
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -97,7 +112,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if chosen is not None and name != chosen:
             sub.add_parser(name)
             continue
-        summary = _summary(commands[name], name)
+        summary = _summary(commands[name].module, name)
         command = sub.add_parser(
             name,
             help=summary,
@@ -106,7 +121,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             formatter_class=DefaultsHelpFormatter,
         )
         if name == chosen:
-            import_module(commands[name]).add_arguments(command)
+            commands[name].add_arguments(command)
     return parser
 
 
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     configure_logging(args.verbose)
     try:
-        return import_module(_commands()[args.command]).run(args)
+        return _commands()[args.command].run(args)
     except KeyboardInterrupt:
         print(f"fedct {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,6 @@
 """The coordinator's Flower ServerApp: settings from the run config, the run directory's lock,
-a fresh or resumed run, the rounds of :mod:`server.rounds`, then the cross-site validation of
-:mod:`server.crosssite`.  Each round also logs its progress line (server/progress.py) and
+a fresh or resumed run, the rounds of :mod:`fedct.server.rounds`, then the cross-site validation of
+:mod:`fedct.server.crosssite`.  Each round also logs its progress line (server/progress.py) and
 writes TensorBoard events (server/tensorboard_log.py); the run directory records the Flower
 run id.  See docs/federated.md."""
 
@@ -13,19 +13,19 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from common.provenance import software_versions
-from server.central_eval import CentralEvaluator
-from server.checkpoints import RunDirectory
-from server.crosssite import cross_site_validation
-from server.global_model import GlobalModel
-from server.progress import ProgressLine
-from server.roster import Roster
-from server.rounds import Federation
-from server.run_lock import RunLock
-from server.settings import ServerSettings
-from server.strategies import build_strategy, restore_strategy_state
-from server.superlink_outage import superlink_outage
-from server.tensorboard_log import TensorBoardLog
+from fedct.common.provenance import software_versions
+from fedct.common.run.directory import RunDirectory
+from fedct.server.central_eval import CentralEvaluator
+from fedct.server.crosssite import cross_site_validation
+from fedct.server.global_model import GlobalModel
+from fedct.server.progress import ProgressLine
+from fedct.server.roster import Roster
+from fedct.server.rounds import Federation
+from fedct.server.run_lock import RunLock
+from fedct.server.settings import ServerSettings
+from fedct.server.strategies import build_strategy, restore_strategy_state
+from fedct.server.superlink_outage import superlink_outage
+from fedct.server.tensorboard_log import TensorBoardLog
 
 app = ServerApp()
 
@@ -34,7 +34,7 @@ def _open_run(
     settings: ServerSettings, run_dir: RunDirectory, model: GlobalModel, strategy: Strategy
 ) -> tuple[str, int, Roster]:
     """(run key, first round, the sites' names so far): a new run starts at round 0 (the
-    initial model); a resumed one repairs what a crash left (server/checkpoints.py), loads
+    initial model); a resumed one repairs what a crash left (common/run/directory.py), loads
     the last checkpoint's weights and optimiser state and goes on after it."""
     if settings.resume_from is None:
         return run_dir.claim(), 0, Roster()

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from flwr.common import log
 
-from common.bootstrap import auc_interval
-from common.cache import CacheDataset, make_loader, patient_content_keys
-from common.metrics import summarize
-from common.training import evaluate
-from server.global_model import GlobalModel
-from server.settings import ServerSettings
+from fedct.common.cache.dataset import CacheDataset
+from fedct.common.cache.store import patient_content_keys
+from fedct.common.training.loop import score_split
+from fedct.server.global_model import GlobalModel
+from fedct.server.settings import ServerSettings
+
+CI_LOW, CI_HIGH = "auc_covid_ci_low", "auc_covid_ci_high"  # the external AUC's 95 % CI
 
 
 class CentralEvaluator:
@@ -33,10 +34,11 @@ class CentralEvaluator:
     ) -> None:
         self.model = model
         self.device = device
-        datasets = {name: CacheDataset(path) for name, path in caches.items()}
-        self.loaders = {name: make_loader(data, batch_size) for name, data in datasets.items()}
+        self.batch_size = batch_size
+        self.datasets = {name: CacheDataset(path) for name, path in caches.items()}
         self.patient_keys = {
-            name: patient_content_keys(data.cache_dir, data.rows) for name, data in datasets.items()
+            name: patient_content_keys(data.cache_dir, data.rows)
+            for name, data in self.datasets.items()
         }
 
     @classmethod
@@ -52,23 +54,26 @@ class CentralEvaluator:
     def __call__(self) -> dict[str, float]:
         """Score the global model's current weights on every external set."""
         metrics: dict[str, float] = {}
-        for name, loader in self.loaders.items():
-            result = evaluate(self.model.model, loader, self.device)
-            summary = summarize(result.labels, result.probs)
-            metrics.update({f"{name}-{key}": value for key, value in summary.items()})
-            metrics[f"{name}-loss"] = result.loss
-            keys = self.patient_keys[name]
-            boot_ids = [keys[patient] for patient in result.patient_ids]
-            low, high = auc_interval(result.labels, result.probs, boot_ids, n_boot=1000)
-            metrics.update({f"{name}-auc_covid_ci_low": low, f"{name}-auc_covid_ci_high": high})
+        for name, data in self.datasets.items():
+            scores, _ = score_split(
+                self.model.model,
+                data,
+                name,
+                batch_size=self.batch_size,
+                device=self.device,
+                interval=(CI_LOW, CI_HIGH),
+                boot_keys=self.patient_keys[name],
+                n_boot=1000,
+            )
+            metrics.update(scores)
             log(
                 INFO,
                 "central evaluation %s: %d scans, loss %.4f, AUC %.3f (95 %% CI %.3f–%.3f)",
                 name,
-                result.num_examples,
-                result.loss,
-                summary["auc_covid"],
-                low,
-                high,
+                scores[f"{name}-n"],
+                scores[f"{name}-loss"],
+                scores[f"{name}-auc_covid"],
+                scores[f"{name}-{CI_LOW}"],
+                scores[f"{name}-{CI_HIGH}"],
             )
         return metrics

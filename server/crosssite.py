@@ -2,7 +2,7 @@
 COVID-19 AUC and accuracy on each site's test split, written as ``cross_site.json``.
 
 Models are the final global model and each site's own model (its weights from the last round
-it trained in, kept by :class:`server.rounds.Federation`).  The global model goes to every
+it trained in, kept by :class:`fedct.server.rounds.Federation`).  The global model goes to every
 connected site; a site's own model goes back to that site only, and with
 ``cross-site-local-models`` to every other site as well (which shows one hospital's model to
 the others).  Everything travels as Flower evaluate messages: only metrics leave the sites.
@@ -20,9 +20,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 
-from server.report import CROSS_SITE, CROSS_SITE_METRICS
-from server.robust import split_replies
-from server.rounds import Federation, reply_metrics, site_name
+from fedct.server.replies import split_replies
+from fedct.server.report import CROSS_SITE, CROSS_SITE_METRICS
+from fedct.server.rounds import Federation, reply_metrics, site_name
 
 GLOBAL = "global"
 SPLIT = "test"

@@ -7,7 +7,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from common.model import ModelConfig, build_model, load_travelling_state, travelling_state
+from fedct.common.model.classifier import (
+    ModelConfig,
+    build_model,
+    load_travelling_state,
+    travelling_state,
+)
 
 
 class GlobalModel:

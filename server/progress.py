@@ -3,7 +3,7 @@
 The ServerApp logs the line after each round is checkpointed (server/app.py adds a
 :class:`ProgressLine` to the round loop's observers), so it shows in ``flwr run --stream``,
 in ``flwr log RUN_ID`` and in ``fedct simulate``'s console, which shows only these lines of
-Flower's stream (server/flower_console.py).  ``fedct train`` prints the same line for its
+Flower's stream (server/launch/flower_console.py).  ``fedct train`` prints the same line for its
 baselines.  A line holds the round, the sites that replied (and failed), the round's
 seconds, the train loss, the sites' pooled tune AUC, the AUC of every external set and the
 best round so far; each failed site gets a warning line of its own.
@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from server.checkpoints import RunDirectory
+from fedct.common.run.directory import RunDirectory
 
 # The messages fedct simulate shows from Flower's stream (the rest goes to its log file).
 PROGRESS = re.compile(r"^(round \d+/\d+: |cross-site validation: )")

@@ -2,7 +2,7 @@
 
 The ``ModelRegistry`` service (``common/registry_proto/registry.proto``) answers
 ``ListModels``, ``GetCard`` and ``Download`` from the run directories under ``--runs`` (the
-layout of ``server/checkpoints.py``) and never writes to them.  Every call must carry
+layout of ``common/run/directory.py``) and never writes to them.  Every call must carry
 ``authorization: Bearer <token>``, compared in constant time; TLS when ``--tls-cert`` and
 ``--tls-key`` are given, and without them only on a loopback address unless ``--insecure``.
 No file outside ``--runs`` is ever served: run names cannot hold paths, and a symlink that
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.markup import escape
 
-from common.registry_proto import (
+from fedct.common.registry_proto import (
     AUTH_HEADER,
     BEARER,
     CHUNK_SIZE,
@@ -47,12 +47,11 @@ from common.registry_proto import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from server.checkpoints import CheckpointError, RunDirectory
+from fedct.common.run.directory import ROUND_CARD, CheckpointError, RunDirectory
 
 log = logging.getLogger("fedct.registry")
 console = Console(stderr=True, soft_wrap=True)
 
-_CARD_NAME = re.compile(r"round_([0-9]{1,9})\.card\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -172,7 +171,7 @@ class RunsRoot:
             except RegistryError as exc:
                 log.warning("not listing run %s: %s", run, exc)
                 continue
-            found = (_CARD_NAME.fullmatch(path.name) for path in run_dir.path.iterdir())
+            found = (ROUND_CARD.fullmatch(path.name) for path in run_dir.path.iterdir())
             for server_round in sorted(int(match[1]) for match in found if match):
                 try:
                     model = self._model(run, run_dir, server_round)
@@ -335,22 +334,6 @@ def create_server(
         raise BadInput(f"address {address}: cannot listen ({exc})") from exc
     server.start()
     return server, port
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
-    summary = "serve the checkpoints under --runs read-only until interrupted"
-    serve = sub.add_parser("serve", help=summary, description=summary)
-    serve.add_argument("--runs", required=True, type=Path, help="folder of run directories")
-    serve.add_argument("--address", required=True, help="HOST:PORT to listen on")
-    serve.add_argument(
-        "--token-file", required=True, type=Path, help="bearer token file (mode 600)"
-    )
-    serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
-    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
-    serve.add_argument(
-        "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,11 @@ itself and pulls replies until all are in, or ``timeout`` seconds have passed, o
 since the messages went out (``straggler-factor``; 0 waits for the timeout).  It also
 says which node every reply belongs to and which nodes sent none, which a reply made by
 the SuperLink for a lost node does not tell (its source is the SuperLink).
+
+Before a phase, :func:`wait_for_nodes` waits for the nodes a round needs, with a deadline
+(Flower's node sampling waits forever), and :func:`split_replies` / :func:`shortfall` keep a
+round from replacing the global model with the average of one site's weights when most sites
+failed (Flower's FedAvg averages whatever replies arrive).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from logging import INFO
 
 from flwr.app import Message
+from flwr.common import log
 from flwr.serverapp import Grid
 
 POLL_SECONDS = 0.5
@@ -88,3 +95,57 @@ def collect(
         sleep(min(poll, ends - now))
     out.missing.update({node: why for node in pending.values()})
     return out
+
+
+class NodeWaitTimeout(RuntimeError):
+    """Too few nodes connected before the deadline."""
+
+
+def wait_for_nodes(
+    grid: Grid,
+    minimum: int,
+    timeout: float,
+    *,
+    poll_interval: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
+    """The connected node ids once at least ``minimum`` are connected.
+
+    Raises :class:`NodeWaitTimeout` naming how many connected when ``timeout`` seconds pass.
+    """
+    deadline = clock() + timeout
+    last_reported = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if clock() >= deadline:
+            raise NodeWaitTimeout(
+                f"only {len(nodes)} of {minimum} nodes connected after {timeout:.0f} s "
+                "(raise node-wait-timeout, or check that every site's SuperNode is running "
+                "and can reach the SuperLink)"
+            )
+        if len(nodes) != last_reported:
+            log(INFO, "waiting for nodes: %d of %d connected", len(nodes), minimum)
+            last_reported = len(nodes)
+        sleep(poll_interval)
+
+
+def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
+    """(replies with content, replies carrying an error)."""
+    ok: list[Message] = []
+    failed: list[Message] = []
+    for reply in replies:
+        (failed if reply.has_error() else ok).append(reply)
+    return ok, failed
+
+
+def shortfall(successful: int, expected: int, minimum: int) -> str | None:
+    """Why a round must keep the previous global model, or None when it may aggregate."""
+    if successful >= minimum:
+        return None
+    return (
+        f"only {successful} of {expected} train replies succeeded, "
+        f"min-train-replies is {minimum}: keeping the previous global model"
+    )

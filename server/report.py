@@ -23,11 +23,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from common import html_page
-from common.cache import atomic_open
-from common.checkpoint_io import jsonable
-from server.checkpoints import CheckpointError, RunDirectory
-from server.progress import external_sets, metric_label
+from fedct.common import html_page
+from fedct.common.cache.store import atomic_open
+from fedct.common.run.directory import CheckpointError, RunDirectory, jsonable
+from fedct.server.progress import external_sets, metric_label
 
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole
 SOURCES = ("train", "federated", "central")
@@ -41,11 +40,6 @@ NOT_CURVES = {"num-examples", "round"}  # not drawn per site
 
 class ReportError(ValueError):
     """A run directory cannot be reported: a file is missing or malformed."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="the coordinator's run directory")
-    parser.add_argument("--out", type=Path, help="HTML file (default: RUN_DIR/report.html)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,12 +16,12 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from common.site_error import site_of_reason
+from fedct.common.federation.site_error import site_of_reason
 
 
 def reported_name(reply: Message) -> str | None:
     """The site a reply names: its ``site`` record, or for an error reply made by the site's
-    ClientApp the name its reason starts with (common/site_error.py)."""
+    ClientApp the name its reason starts with (common/federation/site_error.py)."""
     if reply.has_error():
         return site_of_reason(reply.error.reason)
     record = reply.content.config_records.get("site")

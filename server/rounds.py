@@ -9,6 +9,11 @@ dtypes, a COVID-19 operating point chosen on the sites' pooled tune histograms, 
 checkpoint + model card every round that names every site's part in it (server/roster.py).
 For the cross-site validation at the end of a run (server/crosssite.py) it keeps each site's
 last trained weights.
+
+The federated operating point: each round, the sites' tune-split histograms of p(COVID-19)
+(list metrics of the evaluate replies) are taken out of every reply before the strategy
+averages the numbers, summed, and the COVID-19 threshold is chosen on the pool
+(common/metrics/pooled_operating_point.py).
 """
 
 from __future__ import annotations
@@ -16,28 +21,33 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, UserConfig
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.classes import GLOBAL_CLASSES
-from common.operating_point import OperatingPoint
-from common.transport import LAYOUT_KEY, Layout, TransportError
-from server.arrays import conform, dtypes_of, payload_bytes, to_record
-from server.central_eval import CentralEvaluator
-from server.checkpoints import RunDirectory
-from server.global_model import GlobalModel
-from server.operating_point_fl import federated_operating_point
-from server.replies import Collected, collect
-from server.robust import shortfall, split_replies, wait_for_nodes
-from server.roster import Roster, site_name
-from server.settings import ServerSettings
-from server.strategies import WEIGHT_KEY, strategy_state
+from fedct.common.federation.transport import (
+    LAYOUT_KEY,
+    Layout,
+    TransportError,
+    conform,
+    dtypes_of,
+    payload_bytes,
+    to_record,
+)
+from fedct.common.metrics.operating_point import OperatingPoint
+from fedct.common.metrics.pooled_operating_point import COVID_KEY, OTHER_KEY, choose_from_histograms
+from fedct.common.run.directory import RunDirectory, round_record
+from fedct.server.central_eval import CentralEvaluator
+from fedct.server.global_model import GlobalModel
+from fedct.server.replies import Collected, collect, shortfall, split_replies, wait_for_nodes
+from fedct.server.roster import Roster, site_name
+from fedct.server.settings import ServerSettings
+from fedct.server.strategies import WEIGHT_KEY, strategy_state
 
 # Called after every recorded round with (round, model card, metrics line): progress lines,
 # TensorBoard (server/progress.py, server/tensorboard_log.py).
@@ -113,8 +123,8 @@ class Federation:
 
     def exchange(self, messages: Iterable[Message]) -> tuple[Collected, int, int]:
         """Send ``messages`` with their arrays packed in the transport dtype and the layout's
-        fingerprint in their config (common/transport.py), and collect the replies up to the
-        straggler deadline (server/replies.py).
+        fingerprint in their config (common/federation/transport.py), and collect the replies up
+        to the straggler deadline (server/replies.py).
 
         Returns the replies collected, the number of messages sent and the bytes of arrays
         sent.
@@ -243,34 +253,33 @@ class Federation:
         """Central evaluation, then the checkpoint, card, metrics line and pointers."""
         self.model.load_arrays(arrays)
         central = self.evaluator()
-        card = {
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "strategy": self.settings.strategy,
-            "transport_dtype": self.settings.transport_dtype,
-            "classes": list(GLOBAL_CLASSES),
-            "model_config": asdict(self.model.cfg),
-            "run_config": self.run_config,
-            "train": train,
-            "federated_evaluation": evaluation,
-            "central_evaluation": central,
-            "operating_point": operating_point.to_dict() if operating_point else None,
-            **self.card_extras,
-        }
-        federated = evaluation.get("aggregated", {})
-        line = {
-            "time": card["created"],
-            "seconds": round(time.monotonic() - started, 3),
-            "sites": {p["site"]: p["num-examples"] for p in train.get("participants", [])},
-            "failures": len(train.get("failures", [])),
-            "failed_sites": sorted({f["site"] for f in train.get("sites", {}).get("failed", [])}),
-            "kept_previous_model": train.get("kept_previous_model"),
-            "download-bytes": train.get("download-bytes", 0),
-            "upload-bytes": train.get("upload-bytes", 0),
-            "train-phase-seconds": train.get("phase-seconds"),
-            "train": train.get("aggregated", {}),
-            "federated": federated,
-            "central": central,
-        }
+        card, line = round_record(
+            strategy=self.settings.strategy,
+            model_config=asdict(self.model.cfg),
+            run_config=self.run_config,
+            train=train,
+            train_metrics=train.get("aggregated", {}),
+            federated=evaluation.get("aggregated", {}),
+            central=central,
+            seconds=time.monotonic() - started,
+            sites={p["site"]: p["num-examples"] for p in train.get("participants", [])},
+            card={
+                "transport_dtype": self.settings.transport_dtype,
+                "federated_evaluation": evaluation,
+                "operating_point": operating_point.to_dict() if operating_point else None,
+                **self.card_extras,
+            },
+            line={
+                "failures": len(train.get("failures", [])),
+                "failed_sites": sorted(
+                    {f["site"] for f in train.get("sites", {}).get("failed", [])}
+                ),
+                "kept_previous_model": train.get("kept_previous_model"),
+                "download-bytes": train.get("download-bytes", 0),
+                "upload-bytes": train.get("upload-bytes", 0),
+                "train-phase-seconds": train.get("phase-seconds"),
+            },
+        )
         metric = self.settings.best_metric
         self.run_dir.save_round(
             server_round,
@@ -292,3 +301,37 @@ class Federation:
         log(INFO, "round %d checkpointed in %s", server_round, self.run_dir.path)
         for observe in self.observers:
             observe(server_round, card, line)
+
+
+def _take_histograms(reply: Message) -> tuple[np.ndarray, np.ndarray] | None:
+    """Remove the reply's histograms from its metrics and return them (None if it has none)."""
+    metrics = next(iter(reply.content.metric_records.values()))
+    covid, other = metrics.pop(COVID_KEY, None), metrics.pop(OTHER_KEY, None)
+    if covid is None or other is None:
+        return None
+    return np.asarray(covid, np.int64), np.asarray(other, np.int64)
+
+
+def federated_operating_point(
+    replies: Iterable[Message], rule: str, min_specificity: float
+) -> OperatingPoint | None:
+    """The operating point chosen by ``rule`` on the summed histograms of the successful
+    evaluate ``replies``, which lose their histogram metrics.  None, with a warning, when no
+    reply holds histograms or the pooled tune splits lack COVID-19 or other scans."""
+    pooled = [h for reply in replies if (h := _take_histograms(reply)) is not None]
+    if not pooled:
+        log(WARNING, "operating point not chosen: no site sent tune histograms")
+        return None
+    sites = sum(int(covid.sum() + other.sum()) > 0 for covid, other in pooled)
+    try:
+        # ValueError when the sites' bins differ, or the pool lacks a class.
+        covid = np.sum([pair[0] for pair in pooled], axis=0, dtype=np.int64)
+        other = np.sum([pair[1] for pair in pooled], axis=0, dtype=np.int64)
+        scans = int(covid.sum() + other.sum())
+        chosen_on = f"pooled tune splits of {sites} site{'s' * (sites != 1)}, {scans} scans"
+        return choose_from_histograms(
+            covid, other, rule, min_specificity=min_specificity, chosen_on=chosen_on
+        )
+    except ValueError as exc:
+        log(WARNING, "operating point not chosen: %s", exc)
+        return None

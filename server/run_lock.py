@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.cache import atomic_open
+from fedct.common.cache.store import atomic_open
 
 LOCK_FILE = "run.lock"
 GUARD_FILE = ".run.lock.guard"

@@ -16,10 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from common.console import out
-from server.checkpoints import RunDirectory
-from server.progress import external_sets, metric_label
-from server.settings import parse_external_caches
+from fedct.common.console import out
+from fedct.common.run.directory import RunDirectory
+from fedct.server.progress import external_sets, metric_label
+from fedct.server.settings import parse_external_caches
 
 BEST_MARK = "◀ best"
 

@@ -1,6 +1,7 @@
 """The coordinator's settings, read from the run config (``[tool.flwr.app.config]``).
 
-Every key has its default in pyproject.toml; Flower merges ``--run-config`` overrides into
+Every key has its default in server/flower_app.toml (and the same in pyproject.toml, which
+``flwr run .`` reads); Flower merges ``--run-config`` overrides into
 those, so a missing key means the app's pyproject.toml is older than this code.  Relative
 paths are resolved against the working directory of the ServerApp process.
 """
@@ -11,30 +12,41 @@ import json
 import math
 import time
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, UserConfig
 
-from common.cache import CacheError
-from common.model import ModelConfig
-from common.operating_point_hist import BINS_KEY, HIST_BINS, HIST_RULES
-from common.privacy import DPSettings
-from common.scan_index import verify_cache
-from common.training import TrainConfig
-from common.transport import TRANSPORT_DTYPES
-from common.weights import WeightsError, check_weights_available, weights_spec
-from server.strategies import STRATEGIES
+from fedct.common.cache.scan_index import verify_cache
+from fedct.common.cache.store import CacheError
+from fedct.common.federation.transport import TRANSPORT_DTYPES
+from fedct.common.metrics.pooled_operating_point import BINS_KEY, HIST_BINS, HIST_RULES
+from fedct.common.model.classifier import ModelConfig
+from fedct.common.model.weights import WeightsError, check_weights_available, weights_spec
+from fedct.common.training.loop import TrainConfig
+from fedct.common.training.privacy import DPSettings
+from fedct.server.strategies import STRATEGIES
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+FLOWER_APP_FILE = "flower_app.toml"
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def flower_app_text() -> str:
+    """The installed package's ``[tool.flwr.app]`` table (server/flower_app.toml), as TOML."""
+    return resources.files(__package__).joinpath(FLOWER_APP_FILE).read_text(encoding="utf-8")
+
+
+def flower_app() -> dict[str, Any]:
+    """The ``[tool.flwr.app]`` table: publisher, components and run-config defaults."""
+    return dict(tomllib.loads(flower_app_text())["tool"]["flwr"]["app"])
+
+
 def app_defaults() -> dict[str, Any]:
-    """The run-config defaults of the app's ``[tool.flwr.app.config]``."""
-    with open(PYPROJECT, "rb") as handle:
-        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    """The run-config defaults of the installed package (pyproject.toml's
+    ``[tool.flwr.app.config]`` holds the same, for ``flwr run .``)."""
+    return dict(flower_app()["config"])
 
 
 class SettingsError(ValueError):
@@ -147,15 +159,7 @@ class ServerSettings:
             )
             check_weights_available(model.backbone, model.pretrained_weights)
             # Checked here, so that a typo stops the run instead of failing at every site.
-            training = TrainConfig(
-                local_epochs=int(get("local-epochs")),
-                lr=float(get("lr")),
-                batch_size=int(get("batch-size")),
-                optimizer=str(get("optimizer")),  # type: ignore[arg-type]
-                weight_decay=float(get("weight-decay")),
-                class_weighting=str(get("class-weighting")),  # type: ignore[arg-type]
-                proximal_mu=float(get("proximal-mu")),
-            )
+            training = TrainConfig.from_config(run_config, proximal_mu=float(get("proximal-mu")))
             privacy = DPSettings.from_config(run_config)
         except WeightsError as exc:
             raise SettingsError(f"pretrained-weights: {exc}") from exc
@@ -271,11 +275,7 @@ class ServerSettings:
         return ConfigRecord(
             {
                 **self._shared_config(run_key),
-                "local-epochs": self.training.local_epochs,
-                "lr": self.round_lr(server_round),
-                "optimizer": self.training.optimizer,
-                "weight-decay": self.training.weight_decay,
-                "class-weighting": self.training.class_weighting,
+                **replace(self.training, lr=self.round_lr(server_round)).to_config(),
                 "train-max-slices": self.train_max_slices,
                 **self.privacy.to_config(),
             }

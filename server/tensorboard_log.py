@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from server.checkpoints import RunDirectory
+from fedct.common.run.directory import RunDirectory
 
 AUC_SUFFIX = "-auc_covid"
 NOT_SCALARS = {"num-examples", "round"}

@@ -14,8 +14,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.cache import write_manifest, write_scan, write_settings
-from server.settings import app_defaults as read_app_defaults
+from fedct.common.cache.store import write_manifest, write_scan, write_settings
+from fedct.server.settings import app_defaults as read_app_defaults
 
 # Bright slices for COVID-19, dark for normal, mid for pneumonia: learnable in a round or two.
 CLASS_LEVELS = {0: 40, 1: 120, 2: 210}
@@ -167,7 +167,7 @@ class FakeGrid(Grid):
 @pytest.fixture
 def make_grid() -> Any:
     """``make_grid(node_configs, run_config)``: a FakeGrid of the hospital ClientApp."""
-    from client.app import app  # lazily: only the federated tests need the ClientApp
+    from fedct.client.app import app  # lazily: only the federated tests need the ClientApp
 
     def make(node_configs: list[dict[str, Any]], run_config: dict[str, Any]) -> FakeGrid:
         return FakeGrid(app, node_configs, run_config)

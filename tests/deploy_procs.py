@@ -19,24 +19,24 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
-from common import certs
-from server.simulate import free_port
+from fedct.common import commands
+from fedct.common.cli import Command
+from fedct.server.launch.simulate import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def fedct(command: ModuleType, *argv: str) -> int:
-    """``fedct COMMAND ARGV`` in this process; ``command`` is the command's module."""
+def fedct(command: Command, *argv: str) -> int:
+    """``fedct COMMAND ARGV`` in this process."""
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     return command.run(parser.parse_args(list(argv)))
 
 
 def fedct_certs(*argv: str) -> int:
-    return fedct(certs, *argv)
+    return fedct(commands.certs, *argv)
 
 
 @dataclass

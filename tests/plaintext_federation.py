@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.run_lock import LOCK_FILE
-from server.simulate import free_port, write_run_config
+from fedct.server.launch.simulate import free_port, write_run_config
+from fedct.server.run_lock import LOCK_FILE
 from tests.deploy_procs import (
     ROOT,
     Processes,

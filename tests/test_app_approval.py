@@ -22,10 +22,12 @@ from flwr.supercore.run import Run
 from flwr.supernode import start_client_internal
 from flwr.supernode.nodestate import NodeStateFactory
 
-from client import site_command, site_supernode
-from client.approvals import Approvals, RecordedRun, decide
-from common import app_signing
-from common.certs import supernode_key_pair
+from fedct.client import commands as client_commands
+from fedct.client import site_supernode
+from fedct.client.approvals import Approvals, RecordedRun, decide
+from fedct.common import commands as common_commands
+from fedct.common.trust import app_signing
+from fedct.common.trust.certs import supernode_key_pair
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def bundle() -> app_signing.Bundle:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("keys")
     for name in ("release", "rogue"):
-        assert fedct(app_signing, "keygen", "--out", str(folder), "--name", name) == 0
+        assert fedct(common_commands.app, "keygen", "--out", str(folder), "--name", name) == 0
     return folder
 
 
@@ -79,7 +81,7 @@ def test_the_hash_is_of_the_bundle_flwr_run_sends(
     # Unpacked, it bundles into the same bytes (the deployment test runs such a copy).
     app = unpack_app(bundle.content, tmp_path)
     capsys.readouterr()
-    assert fedct(app_signing, "hash", str(app)) == 0
+    assert fedct(common_commands.app, "hash", str(app)) == 0
     assert capsys.readouterr().out.strip() == bundle.sha256
 
 
@@ -91,15 +93,15 @@ def test_keygen_and_sign_write_keys_and_a_run_config_value(
     fab = tmp_path / "fedct.fab"
     fab.write_bytes(bundle.content)
     capsys.readouterr()
-    assert fedct(app_signing, "sign", str(fab), "--key", str(keys / "release.key")) == 0
+    assert fedct(common_commands.app, "sign", str(fab), "--key", str(keys / "release.key")) == 0
     out, err = capsys.readouterr()
     signature = out.strip()
     assert f"--run-config '{app_signing.SIGNATURE_KEY}=\"{signature}\"'" in err
     approvals = trusting(keys, "release")
     assert app_signing.trusted_signer(signature, bundle.sha256, approvals.trusted_keys())[0]
-    assert fedct(app_signing, "keygen", "--out", str(keys), "--name", "release") == 2
+    assert fedct(common_commands.app, "keygen", "--out", str(keys), "--name", "release") == 2
     assert "refusing to overwrite" in capsys.readouterr().err
-    assert fedct(app_signing, "sign", str(tmp_path / "missing"), "--key", str(fab)) == 2
+    assert fedct(common_commands.app, "sign", str(tmp_path / "missing"), "--key", str(fab)) == 2
     assert "missing" in capsys.readouterr().err
 
 
@@ -194,7 +196,7 @@ def test_a_file_that_is_not_a_bundle_is_refused(bundle: app_signing.Bundle) -> N
 
 
 def site(*argv: str) -> int:
-    return fedct(site_command, *argv)
+    return fedct(client_commands.site, *argv)
 
 
 def test_approve_trust_revoke_and_list_are_audited(

@@ -13,10 +13,10 @@ from rich.console import Console
 
 from bench.fl_overhead import rounding_effect, run_figures, targets
 from bench.intensity_baseline import BINS, histograms
-from common.cache import CacheDataset
-from server.app import main
-from server.baselines import comparison_rows, comparison_table, external_result
-from server.checkpoints import RunDirectory
+from fedct.common.cache.dataset import CacheDataset
+from fedct.common.run.directory import RunDirectory
+from fedct.server.app import main
+from fedct.server.launch.baselines import comparison_rows, comparison_table, external_result
 
 
 def write_run(path: Path, upload: int, aucs: list[float], tune: list[float]) -> RunDirectory:

@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.cache import (
-    CacheDataset,
-    CacheError,
-    make_loader,
-    pad_collate,
-    read_manifest,
-    write_manifest,
-    write_scan,
-)
+from fedct.common.cache.dataset import CacheDataset, make_loader, pad_collate
+from fedct.common.cache.store import CacheError, read_manifest, write_manifest, write_scan
 
 
 def _tiny_cache(root: Path, slice_counts=(3, 5, 2), classes=(0, 2, 1)) -> Path:

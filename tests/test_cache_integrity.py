@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from common.cache import CacheError, read_manifest, scan_path
-from common.cli import main
-from common.labels import LabelsError, LabelTable
-from common.prepare import PrepareConfig, prepare
-from common.scan_index import INDEX_FILE, ScanIndex, verify_cache
-from common.synth.cohort import synthesize
+from fedct.common.cache.config import PrepareConfig
+from fedct.common.cache.prepare import prepare
+from fedct.common.cache.scan_index import INDEX_FILE, ScanIndex, verify_cache
+from fedct.common.cache.store import CacheError, read_manifest, scan_path
+from fedct.common.cli import main
+from fedct.common.ingest.labels import LabelsError, LabelTable
+from fedct.common.synth.cohort import synthesize
 from tests.test_evaluate import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +83,9 @@ def test_ctrl_c_stops_prepare_in_one_line_and_the_rerun_resumes(site: Path, tmp_
     # then leaves ignored: the child restores what a terminal gives it.
     slow = (
         "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "import sys, time; import common.prepare as p; convert = p.to_cache_pixels; "
+        "import sys, time; import fedct.common.cache.prepare as p; convert = p.to_cache_pixels; "
         "p.to_cache_pixels = lambda *a: (time.sleep(0.4), convert(*a))[1]; "
-        "from common.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from fedct.common.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     command = [sys.executable, "-c", slow, "prepare", "--input", str(site), "--out", str(cache)]
     command += ["--labels", str(site / "labels.csv"), "--size", "32", "--min-slices", "4"]

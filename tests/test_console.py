@@ -4,6 +4,7 @@ and only fedct's lines are shown, every option's help shows its default, ``--ver
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import subprocess
 import sys
@@ -14,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import build_parser, main
-from common.console import configure_logging, import_quietly
-from server.checkpoints import RunDirectory
-from server.flower_console import failure_excerpt, run_flower, shown_line
-from server.progress import failure_lines, round_line
-from server.run_summary import print_run_summary
-from server.simulate import write_run_config
+from fedct.common.cli import build_parser, main
+from fedct.common.console import configure_logging, import_quietly
+from fedct.common.run.directory import RunDirectory
+from fedct.server.launch.flower_console import failure_excerpt, run_flower, shown_line
+from fedct.server.launch.simulate import write_run_config
+from fedct.server.progress import failure_lines, round_line
+from fedct.server.run_summary import print_run_summary
 
 ROOT = Path(__file__).parents[1]
 
@@ -28,7 +29,8 @@ ROOT = Path(__file__).parents[1]
 def test_the_apps_import_neither_opacus_nor_a_root_logger_handler() -> None:
     code = (
         "import logging, sys\n"
-        "import client.app, server.app, server.settings, common.privacy\n"
+        "import fedct.client.app, fedct.server.app, fedct.server.settings\n"
+        "import fedct.common.training.privacy\n"
         "print('opacus' in sys.modules, len(logging.getLogger().handlers))\n"
     )
     done = subprocess.run(
@@ -55,12 +57,12 @@ def test_logging_shows_warnings_and_fedct_info_and_everything_when_verbose(
 ) -> None:
     try:
         configure_logging(verbose=False)
-        logging.getLogger("common.training").info("chatter")
+        logging.getLogger("fedct.common.training.loop").debug("chatter")
         logging.getLogger("fedct.registry").info("served alpha:1")
         logging.getLogger("ray").warning("a warning")
         quiet = capsys.readouterr()
         configure_logging(verbose=True)
-        logging.getLogger("common.training").debug("detail")
+        logging.getLogger("fedct.common.training.loop").debug("detail")
         loud = capsys.readouterr()
     finally:
         configure_logging(verbose=False)
@@ -71,7 +73,7 @@ def test_logging_shows_warnings_and_fedct_info_and_everything_when_verbose(
         "WARNING ray: a warning",
     ]
     assert [line.split(" ", 2)[2] for line in loud.err.splitlines()] == [
-        "DEBUG common.training: detail"
+        "DEBUG fedct.common.training.loop: detail"
     ]
     assert logging.getLogger("flwr").propagate is False
 
@@ -89,20 +91,37 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return dict(action.choices)
 
 
-def test_the_overview_lists_every_command_without_importing_one() -> None:
-    modules = {ep.name: ep.value for ep in entry_points(group="fedct.commands")}
+def _parser_imports(argv: list[str]) -> tuple[str, list[str]]:
+    """The help text of ``fedct ARGV --help`` as built in a fresh interpreter, and which of
+    the commands' running modules and of torch, timm and flwr building it imported."""
     code = (
-        "import sys; from common.cli import build_parser; "
-        "print(build_parser([]).format_help()); "
-        f"print(sorted(m for m in {sorted(modules.values())!r} if m in sys.modules)); "
-        "print('torch' in sys.modules, 'flwr' in sys.modules)"
+        "import json, sys; from fedct.common.cli import build_parser, _commands\n"
+        "try:\n"
+        f"    build_parser({argv!r}).parse_args({[*argv, '--help']!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "running = sorted(c.module for c in _commands().values())\n"
+        "print(json.dumps([m for m in [*running, 'torch', 'timm', 'flwr'] if m in sys.modules]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    *help_lines, imported, heavy = done.stdout.strip().splitlines()
-    assert imported == "[]" and heavy == "False False"
-    listed = "\n".join(help_lines)
-    assert all(name in listed for name in modules)
+    *help_lines, imported = done.stdout.strip().splitlines()
+    return "\n".join(help_lines), json.loads(imported)
+
+
+def test_the_overview_lists_every_command_without_importing_one() -> None:
+    listed, imported = _parser_imports([])
+    assert imported == []
+    assert all(ep.name in listed for ep in entry_points(group="fedct.commands"))
     assert "Run a federated simulation" in listed
+
+
+@pytest.mark.parametrize("name", sorted(ep.name for ep in entry_points(group="fedct.commands")))
+def test_a_commands_options_are_built_without_importing_what_runs_it(name: str) -> None:
+    """``fedct CMD --help`` answers at once: neither the command's module nor torch, timm or
+    Flower is imported to show its options."""
+    text, imported = _parser_imports([name])
+    assert imported == []
+    assert f"usage: fedct {name}" in " ".join(text.split())
 
 
 def test_every_option_help_shows_its_default() -> None:

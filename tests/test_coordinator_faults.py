@@ -20,13 +20,13 @@ import httpx
 import pytest
 from flwr.app import Context, Message, RecordDict
 
-from server.app import main
-from server.checkpoints import CheckpointError, RunDirectory
-from server.replies import collect
-from server.roster import Roster
-from server.run_lock import LOCK_FILE, Holder, RunLock, RunLockedError, RunLockLost
-from server.settings import ServerSettings, SettingsError
-from server.superlink_outage import SuperLinkLost, superlink_outage
+from fedct.common.run.directory import CheckpointError, RunDirectory
+from fedct.server.app import main
+from fedct.server.replies import collect
+from fedct.server.roster import Roster
+from fedct.server.run_lock import LOCK_FILE, Holder, RunLock, RunLockedError, RunLockLost
+from fedct.server.settings import ServerSettings, SettingsError
+from fedct.server.superlink_outage import SuperLinkLost, superlink_outage
 
 
 def _run(grid: Any, config: dict[str, Any], run_id: int = 1) -> None:

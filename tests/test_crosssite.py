@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from common.classes import COVID_INDEX
-from common.operating_point import choose_operating_point
-from common.operating_point_hist import (
+from fedct.common.classes import COVID_INDEX
+from fedct.common.metrics.operating_point import choose_operating_point
+from fedct.common.metrics.pooled_operating_point import (
     choose_from_histograms,
     histogram_edges,
     score_histograms,
 )
-from server.app import main
-from server.crosssite import GLOBAL, cross_site_jobs, plan_batches
-from server.report import render_run
+from fedct.server.app import main
+from fedct.server.crosssite import GLOBAL, cross_site_jobs, plan_batches
+from fedct.server.report import render_run
 
 BINS = 20
 

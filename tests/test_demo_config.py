@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.demo import DemoError, ensure_cohort, resources
-from server.simulate import Resources, SimulateError, flwr_run_command
+from fedct.server.launch.demo import DemoError, ensure_cohort, resources
+from fedct.server.launch.simulate import Resources, SimulateError, flwr_run_command
 
 
 def test_cohort_is_written_once_and_reused_only_with_the_same_size(tmp_path: Path) -> None:

@@ -38,8 +38,8 @@ from deploy_procs import (
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from server.registry import read_tls
-from server.simulate import free_port, write_run_config
+from fedct.server.launch.simulate import free_port, write_run_config
+from fedct.server.registry import read_tls
 
 SITES = ("hospital-a", "hospital-b")
 REGISTERED = (*SITES, "hospital-c")  # hospital-c is registered but never joins

@@ -1,4 +1,4 @@
-"""The synthetic CT DICOM writer and the DICOM reader (common.ingest.dicom)."""
+"""The synthetic CT DICOM writer and the DICOM reader (fedct.common.ingest.dicom)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
 
-from common.ingest import dicom as dicom_reader
-from common.ingest.base import REASONS, Ignored, Rejection, Scan, ScanLoadError
-from common.ingest.dicom import SeriesRule, read_dicom
-from common.ingest.discover import files_of, read_input
-from common.synth.dicom_writer import (
+from fedct.common.ingest import dicom as dicom_reader
+from fedct.common.ingest.base import REASONS, Ignored, Rejection, Scan, ScanLoadError
+from fedct.common.ingest.dicom import SeriesRule, read_dicom
+from fedct.common.ingest.discover import files_of, read_input
+from fedct.common.synth.dicom_writer import (
     ScannerProfile,
     SeriesSpec,
     make_uid,

@@ -25,13 +25,13 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-import client.app as hospital
-from client.egress import egress_guard
-from common.cache import read_manifest, scan_path
-from common.model import ModelConfig, build_model, travelling_state
-from common.transport import FLOATING, INTEGER, LAYOUT_KEY, Layout
-from server.app import main
-from server.settings import ServerSettings
+import fedct.client.app as hospital
+from fedct.client.egress import egress_guard
+from fedct.common.cache.store import read_manifest, scan_path
+from fedct.common.federation.transport import FLOATING, INTEGER, LAYOUT_KEY, Layout
+from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
+from fedct.server.app import main
+from fedct.server.settings import ServerSettings
 
 TINY = ModelConfig(backbone="test_efficientnet")
 Handler = Callable[[Message, Context], Message]

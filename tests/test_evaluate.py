@@ -16,17 +16,20 @@ import numpy as np
 import pytest
 import torch
 
-from client.evaluate import PREDICTION_FIELDS, UNTUNED, add_arguments, run
-from common.cache import CacheDataset, make_loader, write_manifest, write_scan, write_settings
-from common.checkpoint_io import CheckpointLoadError, load_checkpoint, prepare_settings_from_card
-from common.classes import GLOBAL_CLASSES
-from common.model import ModelConfig, build_model
-from common.operating_point import choose_operating_point
-from common.prepare import PrepareConfig, prepare
-from common.training import evaluate
-from server.central_eval import CentralEvaluator
-from server.checkpoints import RunDirectory
-from server.global_model import GlobalModel
+from fedct.client import commands
+from fedct.client.evaluator.evaluate import PREDICTION_FIELDS, UNTUNED, run
+from fedct.common.cache.config import PrepareConfig
+from fedct.common.cache.dataset import CacheDataset, make_loader
+from fedct.common.cache.prepare import prepare
+from fedct.common.cache.store import write_manifest, write_scan, write_settings
+from fedct.common.classes import GLOBAL_CLASSES
+from fedct.common.metrics.operating_point import choose_operating_point
+from fedct.common.model.classifier import ModelConfig, build_model
+from fedct.common.run.directory import CheckpointLoadError, RunDirectory
+from fedct.common.run.load import load_checkpoint, prepare_settings_from_card
+from fedct.common.training.loop import evaluate
+from fedct.server.central_eval import CentralEvaluator
+from fedct.server.global_model import GlobalModel
 
 TINY = ModelConfig(backbone="test_efficientnet")
 TINY_PREPARE = {"image-size": 32, "slice-fraction": 0.5, "normalize": "ai-corona"}
@@ -79,7 +82,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def evaluate_cli(*argv: object) -> int:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    commands.evaluate.add_arguments(parser)
     base = ["--n-boot", "20", "--device", "cpu", "--workers", "1"]
     return run(parser.parse_args([*base, *(str(a) for a in argv)]))
 

@@ -12,9 +12,9 @@ import pytest
 from page_parts import Page
 from test_evaluate import STORED_OP, cache, evaluate_cli, make_run, write_mosmed
 
-from common.bootstrap import auc_interval
-from common.cache import write_settings
-from common.metrics import calibration_scores, wilson_interval
+from fedct.common.cache.store import write_settings
+from fedct.common.metrics.bootstrap import auc_interval
+from fedct.common.metrics.classification import calibration_scores, wilson_interval
 
 __all__ = ["cache"]  # the fixture, shared with test_evaluate
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from server.run_lock import LOCK_FILE, pid_alive
+from fedct.server.run_lock import LOCK_FILE, pid_alive
 from tests.deploy_procs import Processes
 from tests.plaintext_federation import PlaintextFederation, wait_until
 

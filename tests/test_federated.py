@@ -14,15 +14,15 @@ from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
-import client.app as hospital
-from client.fedbn import local_bn_path
-from client.local import evaluate_site, train_site
-from client.site_data import SiteConfigError, resolve_site
-from common.model import ModelConfig, bn_state_keys, build_model, travelling_state
-from common.transport import FLOATING, LAYOUT_KEY, Layout
-from server.app import main
-from server.robust import NodeWaitTimeout
-from server.settings import ServerSettings, SettingsError
+import fedct.client.app as hospital
+from fedct.client.fedbn import local_bn_path
+from fedct.client.local import evaluate_site, train_site
+from fedct.client.site_data import SiteConfigError, resolve_site
+from fedct.common.federation.transport import FLOATING, LAYOUT_KEY, Layout
+from fedct.common.model.classifier import ModelConfig, bn_state_keys, build_model, travelling_state
+from fedct.server.app import main
+from fedct.server.replies import NodeWaitTimeout
+from fedct.server.settings import ServerSettings, SettingsError
 
 TINY = ModelConfig(backbone="test_efficientnet")
 

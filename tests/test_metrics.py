@@ -21,16 +21,16 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from common.bootstrap import full_report, patient_strata, roc_band, scan_weight_chunks
-from common.classes import COVID_INDEX, GLOBAL_CLASSES
-from common.metrics import (
+from fedct.common.classes import COVID_INDEX, GLOBAL_CLASSES
+from fedct.common.metrics.bootstrap import full_report, patient_strata, roc_band, scan_weight_chunks
+from fedct.common.metrics.classification import (
     SUMMARY_KEYS,
     calibration_bins,
     roc_curve_points,
     summarize,
     weighted_metrics,
 )
-from common.operating_point import OperatingPoint, choose_operating_point
+from fedct.common.metrics.operating_point import OperatingPoint, choose_operating_point
 
 FAST = settings(max_examples=60, deadline=None)
 

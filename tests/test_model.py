@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from common.cam import class_activation_maps, overlay
-from common.model import (
+from fedct.common.model.cam import class_activation_maps, overlay
+from fedct.common.model.classifier import (
     BATCH_NORMS,
     ModelConfig,
     SliceClassifier,
@@ -21,7 +21,7 @@ from common.model import (
     load_travelling_state,
     travelling_state,
 )
-from common.weights import WeightsError
+from fedct.common.model.weights import WeightsError
 
 TINY = "test_efficientnet"
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.cache import to_model_input
-from common.normalize import (
+from fedct.common.cache.dataset import to_model_input
+from fedct.common.cache.normalize import (
     normalize_slices,
     parse_normalization,
     resize_slices,

@@ -8,10 +8,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.cache import CacheDataset, CacheError, read_manifest
-from common.cli import main
-from common.prepare import PrepareConfig, prepare
-from common.synth.cohort import synthesize
+from fedct.common.cache.config import PrepareConfig
+from fedct.common.cache.dataset import CacheDataset
+from fedct.common.cache.prepare import prepare
+from fedct.common.cache.store import CacheError, read_manifest
+from fedct.common.cli import main
+from fedct.common.synth.cohort import synthesize
 
 TINY = PrepareConfig(size=32, min_slices=4, workers=2)
 

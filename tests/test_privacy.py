@@ -16,12 +16,22 @@ from conftest import write_tiny_cache
 from flwr.app import ArrayRecord
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.dp import PrivacyBudgetExceeded, ledger_path, read_ledgers
-from client.local import train_site
-from client.site_data import SiteConfigError, resolve_site
-from common.cache import ScanItem, read_manifest, write_manifest
-from common.model import ModelConfig, SliceClassifier, bn_state_keys, build_model, travelling_state
-from common.privacy import (
+from fedct.client.dp import PrivacyBudgetExceeded, ledger_path, read_ledgers
+from fedct.client.local import train_site
+from fedct.client.site_data import SiteConfigError, resolve_site
+from fedct.common.cache.dataset import ScanItem
+from fedct.common.cache.store import read_manifest, write_manifest
+from fedct.common.federation.transport import LAYOUT_KEY, Layout
+from fedct.common.model.classifier import (
+    ModelConfig,
+    SliceClassifier,
+    bn_state_keys,
+    build_model,
+    travelling_state,
+)
+from fedct.common.training.accounting import PrivacyLedger
+from fedct.common.training.loop import TrainConfig
+from fedct.common.training.privacy import (
     DPPlan,
     DPSettings,
     PrivacyError,
@@ -31,10 +41,7 @@ from common.privacy import (
     patient_groups,
     train_private,
 )
-from common.privacy_accounting import PrivacyLedger
-from common.training import TrainConfig
-from common.transport import LAYOUT_KEY, Layout
-from server.settings import ServerSettings
+from fedct.server.settings import ServerSettings
 
 GN = ModelConfig(backbone="test_efficientnet_gn", slice_chunk=2)
 CPU = TrainConfig(device="cpu", class_weighting="none", batch_size=2, lr=0.05, optimizer="sgd")
@@ -123,7 +130,7 @@ def test_bf16_autocast_serves_every_chunk_of_a_patient(monkeypatch: pytest.Monke
     items, patients = scans_of_patients([3])
     model = gn_model().train()
     expected, _ = brute_force_clipped_sum(model, items, 1.0)
-    for module in ("common.privacy", "common.device"):
+    for module in ("fedct.common.training.privacy", "fedct.common.training.device"):
         monkeypatch.setattr(f"{module}.autocast_dtype", lambda device: torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_dp_optimizer(params, CPU, plan(), torch.Generator())

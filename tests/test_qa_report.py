@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from page_parts import Page
 
-from common.cli import main
-from common.synth.cohort import synthesize
+from fedct.common.cli import main
+from fedct.common.synth.cohort import synthesize
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.ingest.base import Rejection, Scan, ScanLoadError
-from common.ingest.discover import detect_format, read_input
-from common.ingest.nifti import read_nifti
-from common.ingest.slice_images import read_slice_images
+from fedct.common.ingest.base import Rejection, Scan, ScanLoadError
+from fedct.common.ingest.discover import detect_format, read_input
+from fedct.common.ingest.nifti import read_nifti
+from fedct.common.ingest.slice_images import read_slice_images
 
 SPACING = (5.0, 0.8, 0.7)  # z, y, x
 

@@ -10,7 +10,6 @@ import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import BinaryIO
 
 import grpc
@@ -22,10 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from safetensors.numpy import load_file
 
-from client import pull
-from common.registry_proto import registry_pb2, registry_pb2_grpc
-from server import registry
-from server.checkpoints import RunDirectory
+from fedct.client import commands
+from fedct.common.cli import Command
+from fedct.common.registry_proto import registry_pb2, registry_pb2_grpc
+from fedct.common.run.directory import RunDirectory
+from fedct.server import commands as server_commands
+from fedct.server import registry
 
 TOKEN = "registry-test-token-0123456789"
 
@@ -149,15 +150,15 @@ def address(serve: Callable[..., str]) -> str:
     return serve()
 
 
-def _cli(module: ModuleType, argv: list[str]) -> int:
+def _cli(command: Command, argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
 
 
 def _pull(address: str, pki: dict[str, Path], token_file: Path, *rest: str) -> int:
     argv = ["--registry", address, "--token-file", str(token_file), "--ca", str(pki["ca"])]
-    return _cli(pull, [*argv, *rest])
+    return _cli(commands.pull, [*argv, *rest])
 
 
 def _stub(address: str, pki: dict[str, Path]) -> registry_pb2_grpc.ModelRegistryStub:
@@ -348,7 +349,7 @@ def test_untrusted_server_certificate_is_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["--registry", address, "--token-file", str(token_file), "--ca", str(pki["other_ca"])]
-    assert _cli(pull, [*argv, "--list"]) == 1
+    assert _cli(commands.pull, [*argv, "--list"]) == 1
     assert "is unreachable" in capsys.readouterr().err
 
 
@@ -360,15 +361,15 @@ def test_plaintext_only_on_loopback(
     )
     try:
         argv = ["--registry", f"127.0.0.1:{port}", "--token-file", str(token_file), "--list"]
-        assert _cli(pull, argv) == 0
+        assert _cli(commands.pull, argv) == 0
     finally:
         server.stop(None)
     assert "alpha:0" in capsys.readouterr().out
     serve = ["serve", "--runs", str(runs), "--token-file", str(token_file)]
-    assert _cli(registry, [*serve, "--address", "0.0.0.0:0"]) == 2
+    assert _cli(server_commands.registry, [*serve, "--address", "0.0.0.0:0"]) == 2
     assert "give --tls-cert and --tls-key" in capsys.readouterr().err
     argv = ["--registry", "10.0.0.1:50051", "--token-file", str(token_file), "--list"]
-    assert _cli(pull, argv) == 2
+    assert _cli(commands.pull, argv) == 2
     assert "give --ca CERT" in capsys.readouterr().err
 
 
@@ -394,11 +395,11 @@ def test_bad_token_file_is_refused(
         path.write_text(content)
         path.chmod(mode)
     argv = ["--runs", str(runs), "--address", "127.0.0.1:0", "--token-file", str(path)]
-    assert _cli(registry, ["serve", *argv]) == 2
+    assert _cli(server_commands.registry, ["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and message in err
     pull_argv = ["--registry", "127.0.0.1:1", "--token-file", str(path), "--list"]
-    assert _cli(pull, pull_argv) == 2
+    assert _cli(commands.pull, pull_argv) == 2
     assert message in capsys.readouterr().err
 
 
@@ -427,8 +428,8 @@ def test_tls_files_are_checked(
         (["--tls-cert", str(pki["cert"]), "--tls-key", str(pki["other_key"])], "not the private"),
     ]
     for extra, message in cases:
-        assert _cli(registry, [*serve, *extra]) == 2
+        assert _cli(server_commands.registry, [*serve, *extra]) == 2
         assert message in capsys.readouterr().err
     argv = ["--registry", "127.0.0.1:1", "--token-file", str(token_file), "--list"]
-    assert _cli(pull, [*argv, "--ca", str(garbage)]) == 2
+    assert _cli(commands.pull, [*argv, "--ca", str(garbage)]) == 2
     assert f"{garbage}: not a PEM certificate" in capsys.readouterr().err

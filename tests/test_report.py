@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from page_parts import Page
 
-from server.checkpoints import RunDirectory
-from server.report import add_arguments, run
+from fedct.common.run.directory import RunDirectory
+from fedct.server import commands
+from fedct.server.report import run
 
 EXTERNAL_LINK = re.compile(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", re.IGNORECASE)
 CROSS_SITE = {
@@ -68,7 +69,7 @@ def make_run(run_dir: Path) -> None:
 
 def report_cli(*argv: object) -> int:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    commands.report.add_arguments(parser)
     return run(parser.parse_args([str(a) for a in argv]))
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.selection import middle_slices
+from fedct.common.cache.selection import middle_slices
 
 
 @given(st.integers(1, 2000), st.floats(0.01, 1.0))

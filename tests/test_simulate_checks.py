@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.app import app as hospital
-from common.cli import main
-from server.checkpoints import RunDirectory
-from server.run_lock import RunLock
+from fedct.client.app import app as hospital
+from fedct.common.cli import main
+from fedct.common.run.directory import RunDirectory
+from fedct.server.run_lock import RunLock
 
 
 def _simulate(

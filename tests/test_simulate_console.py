@@ -12,7 +12,7 @@ from typing import Any
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from server.simulate import local_flower_processes, write_run_config
+from fedct.server.launch.simulate import local_flower_processes, write_run_config
 
 ROOT = Path(__file__).parents[1]
 MAX_STDOUT_LINES = 20  # 3 rounds + cross-site + a 7-line table + best/run/next + 4 commands
@@ -20,7 +20,7 @@ MAX_STDERR_LINES = 4  # what it simulates, the Flower run id, the processes it s
 
 
 def fedct(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "common.cli", *map(str, args)]
+    command = [sys.executable, "-m", "fedct.common.cli", *map(str, args)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

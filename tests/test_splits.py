@@ -5,7 +5,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.splits import assign_splits
+from fedct.common.cache.splits import assign_splits
 
 
 @settings(max_examples=50, deadline=None)

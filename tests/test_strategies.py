@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,22 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.local import outgoing_arrays
-from common.model import ModelConfig, build_model, load_travelling_state, travelling_state
-from common.transport import FLOATING, INTEGER, Layout
-from server.arrays import conform, payload_bytes
-from server.checkpoints import CheckpointError, RunDirectory
-from server.robust import NodeWaitTimeout, shortfall, wait_for_nodes
-from server.settings import ServerSettings, SettingsError, parse_external_caches
-from server.strategies import (
+from fedct.client.local import outgoing_arrays
+from fedct.common.federation.transport import FLOATING, INTEGER, Layout, conform, payload_bytes
+from fedct.common.model.classifier import (
+    ModelConfig,
+    build_model,
+    load_travelling_state,
+    travelling_state,
+)
+from fedct.common.run.directory import CheckpointError, RunDirectory
+from fedct.server.replies import NodeWaitTimeout, shortfall, wait_for_nodes
+from fedct.server.settings import (
+    ServerSettings,
+    SettingsError,
+    parse_external_caches,
+)
+from fedct.server.strategies import (
     aggregate_metrics,
     build_strategy,
     restore_strategy_state,
@@ -225,6 +234,17 @@ def test_run_directory_checkpoints_cards_pointers_and_resume(tmp_path: Path) -> 
     run.weights_path(2).write_bytes(b"tampered")
     with pytest.raises(CheckpointError, match="sha256"):
         run.load_latest()
+
+
+def test_the_packaged_defaults_are_the_flower_apps_run_config(
+    app_defaults: dict[str, object],
+) -> None:
+    """``flwr run`` reads pyproject.toml, an installed fedct its packaged defaults: one table."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert (
+        tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+        == app_defaults
+    )
 
 
 def test_settings_from_the_app_defaults_and_bad_values(

@@ -13,12 +13,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.synth import cohort
-from common.synth.cohort import render_phantom, render_scan, synthesize
-from common.synth.dicom_writer import SeriesSpec, make_uid, write_ct_series
-from common.synth.findings import Difficulty, draw_lesions
-from common.synth.hospitals import HOSPITALS
-from common.synth.phantom import Grid, build_phantom, lung_fields, sample_anatomy
+from fedct.common.commands import synth
+from fedct.common.synth import cohort
+from fedct.common.synth.cohort import render_phantom, render_scan, synthesize
+from fedct.common.synth.dicom_writer import SeriesSpec, make_uid, write_ct_series
+from fedct.common.synth.findings import Difficulty, draw_lesions
+from fedct.common.synth.hospitals import HOSPITALS
+from fedct.common.synth.phantom import Grid, build_phantom, lung_fields, sample_anatomy
 
 MID_GRID = Grid((40, 192, 192), (7.5, 1.9, 1.9))
 
@@ -44,9 +45,9 @@ def test_same_seed_gives_the_same_bytes_with_one_writer_or_several(tiny, tmp_pat
 
 def run_cli(out: Path, *extra: str) -> int:
     parser = argparse.ArgumentParser()
-    cohort.add_arguments(parser)
+    synth.add_arguments(parser)
     argv = ["--out", str(out), "--profile", "tiny", "--sites", "1", "--scans-per-site", "2"]
-    return cohort.run(parser.parse_args([*argv, "--no-external", *extra]))
+    return synth.run(parser.parse_args([*argv, "--no-external", *extra]))
 
 
 def test_cli_and_other_seed_differs(tmp_path: Path, capsys) -> None:

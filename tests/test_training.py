@@ -9,15 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.cache import Batch
-from common.device import DeviceError, autocast_context, pick_device
-from common.model import ModelConfig, SliceClassifier, bn_state_keys, build_model
-from common.training import (
-    TrainConfig,
-    balanced_class_weights,
-    evaluate,
-    train_local,
-)
+from fedct.common.cache.dataset import Batch
+from fedct.common.model.classifier import ModelConfig, SliceClassifier, bn_state_keys, build_model
+from fedct.common.training.device import DeviceError, autocast_context, pick_device
+from fedct.common.training.loop import TrainConfig, balanced_class_weights, evaluate, train_local
 
 CPU = TrainConfig(device="cpu", class_weighting="none")
 

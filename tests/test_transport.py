@@ -9,9 +9,15 @@ from flwr.app import Array, ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.model import ModelConfig, build_model, travelling_state
-from common.transport import FLOATING, INTEGER, Layout, TransportError, check_layout
-from server.arrays import payload_bytes
+from fedct.common.federation.transport import (
+    FLOATING,
+    INTEGER,
+    Layout,
+    TransportError,
+    check_layout,
+    payload_bytes,
+)
+from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
 
 TINY = ModelConfig(backbone="test_efficientnet")
 

@@ -51,10 +51,11 @@ from deploy_procs import (
     wait_for_port,
 )
 
-from client import site_command
-from common import app_signing
-from common.cache import read_manifest, scan_path
-from server.simulate import free_port, write_run_config
+from fedct.client import commands as client_commands
+from fedct.common import commands as common_commands
+from fedct.common.cache.store import read_manifest, scan_path
+from fedct.common.trust import app_signing
+from fedct.server.launch.simulate import free_port, write_run_config
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 GUARDED, UNGUARDED = "hospital-a", "hospital-u"
@@ -69,9 +70,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import evaluate_site, train_site
-from client.site_data import resolve_site
-from common.cache import read_manifest, scan_path
+from fedct.client.local import evaluate_site, train_site
+from fedct.client.site_data import resolve_site
+from fedct.common.cache.store import read_manifest, scan_path
 
 Path(os.environ["FLWR_HOME"], "{MARKER}").write_text("imported")
 
@@ -213,7 +214,7 @@ def release_keys(federation: Federation) -> Path:
     """The release manager's key pair and a rogue one, made with ``fedct app keygen``."""
     keys = federation.hosts / "release"
     for name in ("release", "rogue"):
-        assert fedct(app_signing, "keygen", "--out", str(keys), "--name", name) == 0
+        assert fedct(common_commands.app, "keygen", "--out", str(keys), "--name", name) == 0
     return keys
 
 
@@ -230,7 +231,7 @@ def hospitals(
     approvals, audit_log = guarded / "approvals.json", guarded / "audit" / "fedct-audit.jsonl"
     trust = ("trust-key", str(release_keys / "release.pub"), "--note", "release manager")
     files = ("--approvals", str(approvals), "--audit-log", str(audit_log))
-    assert fedct(site_command, *trust, *files) == 0
+    assert fedct(client_commands.site, *trust, *files) == 0
     for site, cache in ((GUARDED, site_caches["site_a"]), (UNGUARDED, site_caches["site_b"])):
         host = federation.hosts / site
         node_config = f'data-path="{cache}" site="{site}" device="cpu"'

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from common.model import ModelConfig, build_model
-from common.weights import (
+from fedct.common.model.classifier import ModelConfig, build_model
+from fedct.common.model.weights import (
     IMAGENET,
     PACKAGED,
     WeightsError,

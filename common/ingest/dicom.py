@@ -4,7 +4,7 @@ Headers are read without pixel data; files are grouped by study and series, one 
 series is chosen per study by a :class:`SeriesRule`, its slices are sorted by their position
 along the slice normal (as ITK/GDCM do, never by file name), and pixels are decoded to
 Hounsfield units only for the slices a caller loads.  Every unusable input becomes a
-:class:`~common.ingest.base.Rejection`; the walk never stops on bad data.
+:class:`~fedct.common.ingest.base.Rejection`; the walk never stops on bad data.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirecto
 from rich.console import Console
 from rich.progress import track
 
-from common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
+from fedct.common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
 
 # pydicom's warnings and log records quote header values, which may be patient data; this
 # reader reports every problem as a rejection instead.

@@ -2,7 +2,7 @@
 file in it.
 
 Whatever the reader, each file under the folder ends up in exactly one place: a scan's
-``files``, a rejection's ``files``, or an :class:`~common.ingest.base.Ignored` entry.  The
+``files``, a rejection's ``files``, or an :class:`~fedct.common.ingest.base.Ignored` entry.  The
 site's labels file (``labels.csv`` in the folder, or the ``--labels`` file when it lies
 inside) is ignored, not rejected as "not DICOM"; so is a file that the chosen format's
 reader does not read (e.g. a README beside NIfTI volumes).
@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.ingest.base import Ignored, ReaderItem, Rejection, Scan
-from common.ingest.dicom import read_dicom
-from common.ingest.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti
-from common.ingest.slice_images import IMAGE_SUFFIXES, is_slice_image, read_slice_images
+from fedct.common.ingest import FORMATS
+from fedct.common.ingest.base import Ignored, ReaderItem, Rejection, Scan
+from fedct.common.ingest.dicom import read_dicom
+from fedct.common.ingest.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti
+from fedct.common.ingest.slice_images import IMAGE_SUFFIXES, is_slice_image, read_slice_images
 
-FORMATS = ("auto", "dicom", "nifti", "png")
 LABELS_FILE = "labels.csv"
 LABELS_WHAT = "the site's labels file (give it to prepare with --labels)"
 READS = {"nifti": ", ".join(NIFTI_SUFFIXES), "png": ", ".join(IMAGE_SUFFIXES)}

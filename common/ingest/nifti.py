@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.ingest.base import ReaderItem, Rejection, Scan, ScanLoadError
+from fedct.common.ingest.base import ReaderItem, Rejection, Scan, ScanLoadError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SEVERITY_FOLDER = re.compile(r"CT-[0-4]", re.IGNORECASE)

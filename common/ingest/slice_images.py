@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common.ingest.base import ReaderItem, Rejection, Scan, ScanLoadError
+from fedct.common.ingest.base import ReaderItem, Rejection, Scan, ScanLoadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _NUMBER = re.compile(r"\d+")

@@ -13,6 +13,9 @@ cd "$root"
   common/registry_proto/registry.proto
 for generated in common/registry_proto/registry_pb2.py common/registry_proto/registry_pb2.pyi \
   common/registry_proto/registry_pb2_grpc.py; do
+  # common/ installs as fedct.common (pyproject.toml): the generated imports say so.
+  sed -i -e 's/from common\.registry_proto import/from fedct.common.registry_proto import/' \
+    -e "s/'common\.registry_proto\.registry_pb2'/'fedct.common.registry_proto.registry_pb2'/" "$generated"
   {
     echo "# Generated from registry.proto by common/registry_proto/generate.sh (grpcio-tools 1.80.1)."
     cat "$generated"

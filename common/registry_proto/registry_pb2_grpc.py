@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from common.registry_proto import registry_pb2 as common_dot_registry__proto_dot_registry__pb2
+from fedct.common.registry_proto import registry_pb2 as common_dot_registry__proto_dot_registry__pb2
 
 GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__

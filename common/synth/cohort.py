@@ -8,7 +8,7 @@
     DIR/external/ccccii/{NCP,CP,Normal}/<patient>/<scan>/<n>.png
     DIR/cohort.json                 profile, seed and counts (no identifiers)
 
-Sites cycle through the hospital profiles of :mod:`common.synth.hospitals`; a fourth site
+Sites cycle through the hospital profiles of :mod:`fedct.common.synth.hospitals`; a fourth site
 is an MDH-like site again, with other patients.
 """
 
@@ -30,15 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.synth.dicom_writer import SeriesSpec, make_uid, write_ct_series, write_localizer
-from common.synth.findings import Difficulty, Kind, draw_lesions
-from common.synth.hospitals import (
+from fedct.common.synth.dicom_writer import SeriesSpec, make_uid, write_ct_series, write_localizer
+from fedct.common.synth.findings import Difficulty, Kind, draw_lesions
+from fedct.common.synth.hospitals import (
     CCCCII_ACQUISITION,
     CCCCII_LIKE,
     HOSPITALS,
@@ -49,30 +49,9 @@ from common.synth.hospitals import (
     HospitalProfile,
     Scanner,
 )
-from common.synth.image_writers import write_nifti, write_png_slices
-from common.synth.phantom import Grid, Phantom, build_phantom, sample_anatomy
-
-ProfileName = Literal["tiny", "demo", "full"]
-
-
-@dataclass(frozen=True)
-class CohortSize:
-    """How big a cohort profile is.  Slice counts are scaled (and clamped) from the hospital
-    profiles' real ones; the scanned length stays, so slices get thicker."""
-
-    matrix: int
-    slice_scale: float
-    slice_bounds: tuple[int, int] | None
-    scans_per_site: int
-    mosmed_studies: int
-    ccccii_patients: int  # per class
-
-
-SIZES: dict[str, CohortSize] = {
-    "tiny": CohortSize(64, 0.3, (12, 16), 8, 10, 2),
-    "demo": CohortSize(128, 0.4, (16, 48), 40, 60, 8),
-    "full": CohortSize(512, 1.0, None, 40, 50, 10),
-}
+from fedct.common.synth.image_writers import write_nifti, write_png_slices
+from fedct.common.synth.phantom import Grid, Phantom, build_phantom, sample_anatomy
+from fedct.common.synth.sizes import SIZES, CohortSize, ProfileName
 
 MOSMED_FOLDERS = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
 MOSMED_SHARES = (254, 684, 125, 45, 2)  # studies per folder in MosMedData COVID19_1110
@@ -615,33 +594,6 @@ def _write_ccccii(
         advance()
     found = Counter(folder for folder, _, _ in plan)
     return {folder: found[folder] for folder, _ in CCCCII_CLASSES}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``fedct synth``."""
-    parser.add_argument("--out", type=Path, required=True, help="new (or empty) output folder")
-    parser.add_argument(
-        "--profile",
-        choices=tuple(SIZES),
-        default="demo",
-        help="tiny: 64x64 for tests; demo: 128x128 for a CPU demo; full: 512x512 (default demo)",
-    )
-    parser.add_argument(
-        "--sites", type=int, default=3, help="hospitals, profiles cycling (default 3)"
-    )
-    parser.add_argument(
-        "--scans-per-site", type=int, default=None, help="studies per hospital (profile default)"
-    )
-    parser.add_argument(
-        "--mosmed-studies",
-        type=int,
-        default=None,
-        help="studies in the MosMedData-like external set (profile default)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
-    parser.add_argument(
-        "--no-external", action="store_true", help="skip the MosMed-like and CC-CCII-like sets"
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@
   plate atelectasis.
 * Normal: nothing, or a minor incidental finding.
 
-Diffuse findings are fields on the coarse grid (see :class:`~common.synth.phantom.Lesions`);
+Diffuse findings are fields on the coarse grid (see :class:`~fedct.common.synth.phantom.Lesions`);
 focal ones are capsules drawn at full resolution.
 """
 
@@ -21,7 +21,15 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from common.synth.phantom import Anatomy, Grid, Lesions, LungFields, Tube, lung_fields, smooth_noise
+from fedct.common.synth.phantom import (
+    Anatomy,
+    Grid,
+    Lesions,
+    LungFields,
+    Tube,
+    lung_fields,
+    smooth_noise,
+)
 
 Kind = Literal["normal", "covid", "cp", "nca"]
 KINDS: tuple[Kind, ...] = ("normal", "covid", "cp", "nca")

@@ -14,8 +14,8 @@ import numpy as np
 from scipy import ndimage
 
 # The writer's own scan circle, so that padding lands exactly on the air drawn here.
-from common.synth.dicom_writer import AIR_HU, ScannerProfile, outside_scan_circle
-from common.synth.findings import Kind
+from fedct.common.synth.dicom_writer import AIR_HU, ScannerProfile, outside_scan_circle
+from fedct.common.synth.findings import Kind
 
 # Each site label and the finding class the generator draws for it.
 LABEL_KINDS: dict[str, Kind] = {"Normal": "normal", "NCA": "nca", "CP": "cp", "COVID-19": "covid"}

@@ -433,7 +433,7 @@ def _ellipsoid_alpha(
 
 @dataclass(frozen=True, eq=False)
 class Lesions:
-    """What findings add to the lungs (drawn by :mod:`common.synth.findings`).
+    """What findings add to the lungs (drawn by :mod:`fedct.common.synth.findings`).
 
     ``opacity`` and ``lucency`` are fields on ``grid.coarse()``: the share of each lung
     voxel turned into ``target_hu`` (ground glass, consolidation, effusion) or into air
