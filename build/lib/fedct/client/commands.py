@@ -1,0 +1,131 @@
+"""The options of the ``fedct`` commands that client/ provides.
+
+Imported to build the parser of ``fedct``, so it imports nothing heavy; a command's
+module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedct.common.cache.config import PrepareConfig
+from fedct.common.cli import Command
+from fedct.common.ingest import FORMATS
+
+
+def _evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="round_NNN.safetensors or card")
+    parser.add_argument("--data", required=True, type=Path, help="prepared cache or raw folder")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the three outputs")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="raw folder only: labels.csv (default: none, the labels the folder layout "
+        "gives, e.g. MosMedData's CT-k folders)",
+    )
+    parser.add_argument(
+        "--label-map",
+        type=Path,
+        help="raw folder only: TOML site label map (default: fedct's built-in map)",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="raw folder only")
+    parser.add_argument("--splits", help="cache splits to report, e.g. test (default: all)")
+    parser.add_argument(
+        "--tune-data",
+        type=Path,
+        help="cache to choose the operating point on (its tune split) when the model card "
+        "stores none (default: none; then a fixed 0.5, marked as not tuned)",
+    )
+    parser.add_argument("--rule", choices=("sens_at_spec", "youden"), default="sens_at_spec")
+    parser.add_argument("--min-specificity", type=float, default=0.95)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument(
+        "--slice-chunk",
+        type=int,
+        help="slices per forward pass, a memory knob (default: the model card's)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cams", type=int, default=3, help="CAM overlays of correct/wrong scans")
+    parser.add_argument("--workers", type=int, default=PrepareConfig().workers)
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier evaluation in --out"
+    )
+
+
+def _pull(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", required=True, help="HOST:PORT of the registry")
+    parser.add_argument(
+        "--token-file", required=True, type=Path, help="bearer token file (mode 600)"
+    )
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        help="CA certificate (PEM) to verify the registry by (default: none; plaintext, "
+        "allowed to a loopback registry only)",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow plaintext to a non-loopback registry"
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="RUN:ROUND, RUN:best, RUN:latest or latest")
+    what.add_argument(
+        "--list",
+        action="store_true",
+        help="list every checkpoint: run:round, date, tune and external AUC, best/latest",
+    )
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument(
+        "--out",
+        type=Path,
+        help="file to write the weights to, and its .card.json beside it (default: none; "
+        "needed with --model unless --card)",
+    )
+    how.add_argument("--card", action="store_true", help="print the model card only")
+
+
+def _site(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="site_command", required=True, metavar="SUBCOMMAND")
+
+    def command(name: str, summary: str, *, audited: bool) -> argparse.ArgumentParser:
+        sub_parser = sub.add_parser(name, help=summary, description=summary)
+        sub_parser.add_argument(
+            "--approvals", required=True, type=Path, help="the site's approvals file (JSON)"
+        )
+        if audited:
+            sub_parser.add_argument(
+                "--audit-log",
+                required=True,
+                type=Path,
+                help="the site's audit log (the node config's audit-log)",
+            )
+            sub_parser.add_argument("--note", default="", help="why, by whom (kept in the file)")
+        return sub_parser
+
+    approve = command("approve", "approve one app bundle by its sha256", audited=True)
+    what = approve.add_mutually_exclusive_group(required=True)
+    what.add_argument("app", type=Path, nargs="?", help="an audited checkout, or a .fab")
+    what.add_argument("--sha256", help="the bundle's sha256 (`fedct app hash`)")
+    trust = command("trust-key", "run every bundle signed by this release key", audited=True)
+    trust.add_argument("public_key", type=Path, help="the release manager's NAME.pub")
+    revoke = command("revoke", "withdraw a bundle's approval or a key's trust", audited=True)
+    revoke.add_argument("id", help="a bundle's sha256 or a key id (`fedct site list`)")
+    command("list", "print the approved bundles and trusted keys", audited=False)
+    supernode = command(
+        "supernode",
+        "run flower-supernode, refusing every app bundle not approved here",
+        audited=False,
+    )
+    supernode.add_argument(
+        "flower_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- FLOWER_SUPERNODE_ARGS",
+        help="flower-supernode's arguments, after --",
+    )
+
+
+evaluate = Command("fedct.client.evaluator.evaluate", _evaluate)
+pull = Command("fedct.client.evaluator.pull", _pull)
+site = Command("fedct.client.site_command", _site)

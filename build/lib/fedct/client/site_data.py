@@ -1,0 +1,100 @@
+"""Which hospital a ClientApp serves: its cache, its name and its device.
+
+On the deployment engine each SuperNode is started with
+``--node-config 'data-path="/srv/fedct/cache" site="hospital-a"'`` (optionally ``device``,
+``pretrained-weights``, ``state-dir`` and ``dp-epsilon-budget``).  In simulation the node
+config holds only ``partition-id``; it picks an entry of the run config's comma-separated
+``site-caches``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import UserConfig
+
+from fedct.common.cache.store import CacheError, check_run_settings
+from fedct.common.model.weights import weights_spec
+
+
+class SiteConfigError(ValueError):
+    """The node cannot tell which site cache it serves."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital's local view: never sent to the coordinator except ``name``."""
+
+    name: str
+    cache_dir: Path
+    device: str
+    state_dir: Path
+    pretrained_weights: str | None  # None, "imagenet" or an absolute path (common/model/weights.py)
+    epsilon_budget: float | None = None  # the site's ε limit over all DP runs (docs/privacy.md)
+
+
+def _optional_path(text: object) -> Path | None:
+    text = str(text or "").strip()
+    return Path(text).expanduser().resolve() if text else None
+
+
+def _cache_dir(node_config: UserConfig, run_config: UserConfig) -> Path:
+    cache = _optional_path(node_config.get("data-path"))
+    if cache is not None:
+        return cache
+    if "partition-id" not in node_config:
+        raise SiteConfigError(
+            "node config lacks data-path: start the SuperNode with "
+            '--node-config \'data-path="/path/to/cache" site="name"\''
+        )
+    caches = [p.strip() for p in str(run_config.get("site-caches", "")).split(",") if p.strip()]
+    partition = int(node_config["partition-id"])
+    if partition >= len(caches):
+        raise SiteConfigError(
+            f"simulation node {partition} has no cache: site-caches lists {len(caches)} "
+            "(one per supernode is needed)"
+        )
+    return Path(caches[partition]).expanduser().resolve()
+
+
+def _epsilon_budget(node_config: UserConfig) -> float | None:
+    value = node_config.get("dp-epsilon-budget")
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = math.nan
+    if not budget > 0:
+        raise SiteConfigError(f"dp-epsilon-budget must be a positive number, got {value!r}")
+    return budget
+
+
+def declared_name(node_config: UserConfig, run_config: UserConfig) -> str:
+    """The site's name as :func:`resolve_site` gives it, without checking its cache (for
+    naming a site whose cache is broken)."""
+    try:
+        return str(node_config.get("site") or _cache_dir(node_config, run_config).name)
+    except (SiteConfigError, ValueError):
+        return f"node-{node_config.get('partition-id', '?')}"
+
+
+def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
+    """The site of this node (see the module docstring); :class:`SiteConfigError` if unknown."""
+    cache = _cache_dir(node_config, run_config)
+    if not (cache / "manifest.csv").is_file():
+        raise SiteConfigError(f"{cache}: no manifest.csv; run `fedct prepare` for this site")
+    try:
+        check_run_settings(cache, run_config)
+    except CacheError as exc:
+        raise SiteConfigError(str(exc)) from exc
+    return Site(
+        name=str(node_config.get("site") or cache.name),
+        cache_dir=cache,
+        device=str(node_config.get("device") or run_config.get("device") or "auto"),
+        state_dir=_optional_path(node_config.get("state-dir")) or cache / "fedct-state",
+        pretrained_weights=weights_spec(str(node_config.get("pretrained-weights") or "")),
+        epsilon_budget=_epsilon_budget(node_config),
+    )

@@ -1,0 +1,1 @@
+"""Code shared by hospitals, the coordinator and evaluators: ingestion, cache, model, metrics."""

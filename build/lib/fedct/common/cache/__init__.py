@@ -1,0 +1,2 @@
+"""The site-local, model-ready cache: preparing it from raw scans, its files, its quality
+report, and the Dataset over it."""

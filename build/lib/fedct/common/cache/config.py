@@ -1,0 +1,27 @@
+"""How a cache is prepared: the settings of ``fedct prepare``, and those of them that a run
+must share with every cache it uses (and under which run-config keys)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# Cache settings and the run-config keys that must agree with them for a run to use the cache.
+RUN_CONFIG_KEYS = {"size": "image-size", "fraction": "slice-fraction", "normalize": "normalize"}
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    size: int = 512
+    fraction: float = 0.5
+    normalize: str = "ai-corona"
+    min_slices: int = 10
+    splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    format: str = "auto"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """The settings that change cached pixels: a cache is only extended with equal ones."""
+        return {name: getattr(self, name) for name in RUN_CONFIG_KEYS}

@@ -1,0 +1,335 @@
+"""``fedct prepare``: a site's raw scans → a de-identified, model-ready cache + QA report.
+
+Steps: read headers (no pixels), label every scan, reject what cannot be used (each with one
+reason code), decode only the middle slices, normalise, resize, write one uint8 file per
+scan, then the manifest with patient-level splits and the QA report.  Rejected inputs never
+stop the run; re-running on the same cache reuses what is there and keeps earlier scans.
+
+A scan is reused only when its file is whole (its size and sha256 as recorded when it was
+written, common/cache/scan_index.py); a damaged one is prepared again, and the summary says how
+many were.  Ctrl-C stops with one line; the scans finished by then are recorded, so the
+rerun resumes from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from fedct.common.cache.config import PrepareConfig
+from fedct.common.cache.normalize import parse_normalization, to_cache_pixels
+from fedct.common.cache.pseudonym import load_or_create_salt, pseudonym
+from fedct.common.cache.qa import QACollector, plural, print_summary, scan_hu_counts
+from fedct.common.cache.scan_index import ScanIndex, ScanRecord
+from fedct.common.cache.selection import middle_slices
+from fedct.common.cache.splits import assign_splits, parse_fractions
+from fedct.common.cache.store import (
+    CacheError,
+    read_manifest,
+    read_settings,
+    write_manifest,
+    write_scan,
+    write_settings,
+)
+from fedct.common.classes import GLOBAL_CLASSES, LabelMapError, load_label_map, to_global
+from fedct.common.console import err, out
+from fedct.common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
+from fedct.common.ingest.discover import LABELS_FILE, read_input
+from fedct.common.ingest.labels import LabelsError, LabelTable
+
+console = err
+
+
+@dataclass
+class PrepareResult:
+    rows: list[dict[str, Any]]
+    rejections: list[Rejection]
+    reused: int
+    seconds: float
+    ignored: list[Ignored] = field(default_factory=list)  # files that are not inputs
+    regenerated: int = 0  # reused scans whose file was damaged, prepared again
+
+
+class PrepareInterrupted(Exception):
+    """Ctrl-C: ``done`` of ``pending`` conversions finished and are kept for the rerun."""
+
+    def __init__(self, done: int, pending: int) -> None:
+        super().__init__(f"{done} of {pending}")
+        self.done = done
+        self.pending = pending
+
+
+# Set in the parent before forking workers, so scans (with their open readers) need no pickling.
+_PENDING: list[tuple[Scan, dict[str, Any]]] = []
+_JOB: dict[str, Any] = {}
+
+
+def _convert(index: int) -> tuple[dict[str, Any], ScanRecord] | Rejection:
+    scan, row = _PENDING[index]
+    start, stop = row["selected_start"], row["selected_start"] + row["n_slices_selected"]
+    try:
+        hu = scan.load(start, stop)
+        pixels = to_cache_pixels(hu, _JOB["norm"], scan.intensity, _JOB["size"])
+    except ScanLoadError as exc:  # the whole scan is rejected: all its files
+        failed = exc.rejection
+        return Rejection(failed.path, failed.reason, failed.detail, scan.files)
+    blob = write_scan(_JOB["cache"], row["scan_id"], pixels)
+    return {**row, **scan_hu_counts(scan, hu)}, ScanRecord.of_blob(row["scan_id"], blob)
+
+
+def _row_for(
+    scan: Scan, label: str | None, global_class: str | None, salt: bytes, cfg: PrepareConfig
+) -> dict[str, Any]:
+    start, stop = middle_slices(scan.n_slices, cfg.fraction)
+    z, y, x = scan.spacing_mm
+    return {
+        "scan_id": pseudonym(salt, "scan", scan.study_key, scan.series_key),
+        "patient_id": pseudonym(salt, "patient", scan.patient_key),
+        "label": label or "",
+        "global_class": global_class or "",
+        "class_index": GLOBAL_CLASSES.index(global_class) if global_class else -1,
+        "n_slices_total": scan.n_slices,
+        "n_slices_selected": stop - start,
+        "selected_start": start,
+        "spacing_z_mm": _fmt(z),
+        "spacing_y_mm": _fmt(y),
+        "spacing_x_mm": _fmt(x),
+        "thickness_mm": _fmt(scan.thickness_mm),
+        "manufacturer": scan.manufacturer,
+        "format": scan.format,
+        "severity": scan.extra.get("severity", ""),
+        "warnings": ";".join(scan.warnings),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None or value != value else f"{value:.4g}"
+
+
+def prepare(
+    input_dir: Path,
+    cache_dir: Path,
+    cfg: PrepareConfig,
+    *,
+    labels: Path | None = None,
+    label_map: Path | None = None,
+    progress: bool = True,
+) -> PrepareResult:
+    """Prepare ``input_dir`` into ``cache_dir``; raises only for unusable arguments or cache."""
+    began = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    norm = parse_normalization(cfg.normalize)
+    mapping = load_label_map(label_map)
+    table = LabelTable.load(labels) if labels else None
+    previous = read_settings(cache_dir)
+    if previous is not None:
+        mismatch = {
+            k: (previous.get(k), v) for k, v in cfg.cache_settings().items() if previous.get(k) != v
+        }
+        if mismatch:
+            raise CacheError(
+                f"{cache_dir}: prepared with other settings "
+                + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatch.items())
+                + "; use a new --out folder"
+            )
+    existing = _existing_rows(cache_dir)
+    salt = load_or_create_salt(cache_dir)
+    write_settings(cache_dir, cfg.cache_settings())
+    index = ScanIndex(cache_dir)
+    damaged = 0
+
+    rejections: list[Rejection] = []
+    pending: list[tuple[Scan, dict[str, Any]]] = []
+    rows: dict[str, dict[str, Any]] = dict(existing)
+    # Pseudonym -> raw patient ID, in memory only: the split follows the data, not the salt.
+    split_keys: dict[str, str] = {}
+    reused = 0
+    collected = QACollector()
+    for item in read_input(Path(input_dir), cfg.format, progress=progress, labels=labels):
+        if isinstance(item, Ignored):
+            collected.ignored.append(item)
+            continue
+        if isinstance(item, Rejection):
+            rejections.append(item)
+            continue
+        label = table.label_of(item) if table else item.label
+        global_class = to_global(label, mapping) if label else None
+        if table is not None and label is None:
+            rejections.append(item.rejected("missing-label"))
+            continue
+        if label is not None and global_class is None:
+            rejections.append(item.rejected("unknown-label", f"label {label!r}"))
+            continue
+        if item.n_slices < cfg.min_slices:
+            rejections.append(
+                item.rejected("too-few-slices", f"{item.n_slices} < {cfg.min_slices}")
+            )
+            continue
+        row = _row_for(item, label, global_class, salt, cfg)
+        split_keys[row["patient_id"]] = item.patient_key
+        collected.add_scan(item, row)
+        problem = index.problem(row["scan_id"])
+        if problem is None:
+            index.adopt(row["scan_id"])
+            rows[row["scan_id"]] = {**existing.get(row["scan_id"], {}), **row}
+            reused += 1
+        else:
+            damaged += problem != "missing"
+            pending.append((item, row))
+    if damaged:
+        console.print(
+            f"[yellow]warning:[/yellow] {damaged} cached scans are damaged (truncated, or "
+            "another checksum than when written): preparing them again",
+            highlight=False,
+        )
+
+    _PENDING[:] = pending
+    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size)
+    done = 0
+    try:
+        for result in _run_conversions(len(pending), cfg.workers, progress):
+            if isinstance(result, Rejection):
+                rejections.append(result)
+            else:
+                row, record = result
+                index.append(record)
+                rows[row["scan_id"]] = collected.add_converted(row)
+            done += 1
+    except KeyboardInterrupt:
+        raise PrepareInterrupted(done, len(pending)) from None
+    finally:
+        _PENDING.clear()
+        _remove_temporaries(cache_dir)
+
+    ordered = sorted(rows.values(), key=lambda r: r["scan_id"])
+    splits = assign_splits(
+        [split_keys.get(r["patient_id"], r["patient_id"]) for r in ordered],
+        [int(r["class_index"]) for r in ordered],
+        cfg.splits,
+        cfg.seed,
+    )
+    for row, split in zip(ordered, splits, strict=True):
+        row["split"] = split
+    write_manifest(cache_dir, ordered)
+    index.compact({row["scan_id"] for row in ordered})
+    seconds = time.perf_counter() - began
+    collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
+    return PrepareResult(ordered, rejections, reused, seconds, collected.ignored, damaged)
+
+
+def _existing_rows(cache_dir: Path) -> dict[str, dict[str, str]]:
+    """The rows of the cache's manifest; none (with a warning) when it is damaged, since the
+    rerun writes it anew from the input."""
+    if not (cache_dir / "manifest.csv").exists():
+        return {}
+    try:
+        return {row["scan_id"]: row for row in read_manifest(cache_dir)}
+    except CacheError as exc:
+        console.print(f"[yellow]warning:[/yellow] {exc}: writing it anew from this input")
+        return {}
+
+
+def _remove_temporaries(cache_dir: Path) -> None:
+    """Half-written scans of workers stopped by Ctrl-C (atomic_open's temporary names)."""
+    for tmp in (cache_dir / "scans").glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them and keeps what they finished."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_conversions(count: int, workers: int, progress: bool):
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("decoding selected slices", total=count)
+        if workers <= 1 or count <= 1:
+            results = map(_convert, range(count))
+            for result in results:
+                bar.advance(task)
+                yield result
+            return
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, count), initializer=_ignore_sigint) as pool:
+            for result in pool.imap_unordered(_convert, range(count)):
+                bar.advance(task)
+                yield result
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    return PrepareConfig(
+        size=args.size,
+        fraction=args.fraction,
+        normalize=args.normalize,
+        min_slices=args.min_slices,
+        splits=parse_fractions(args.splits),
+        seed=args.seed,
+        format=args.format,
+        workers=args.workers,
+    )
+
+
+def warn_unlabelled(rows: list[dict[str, Any]], input_dir: Path) -> None:
+    """Say on stderr, loudly, that scans without a label cannot be trained on, and how to
+    give labels (prepare was run without --labels)."""
+    unlabelled = sum(int(row["class_index"]) < 0 for row in rows)
+    if not unlabelled:
+        return
+    share = "all" if unlabelled == len(rows) else f"{unlabelled} of {len(rows)}"
+    lines = [
+        f"[bold yellow]warning:[/bold yellow] no --labels was given and the folder layout "
+        f"gives no label for {share} scans: they are unlabelled, and unlabelled scans are "
+        "never trained on (only scored).",
+        "  Give the labels as a CSV with a label column and one of series_uid, study_uid, "
+        "path or patient_id (docs/ingestion.md):",
+        f"  fedct prepare --input {escape(str(input_dir))} --out CACHE --labels labels.csv",
+    ]
+    if (input_dir / LABELS_FILE).is_file():
+        found = escape(str(input_dir / LABELS_FILE))
+        lines.append(f"  {found} exists: pass --labels {found}")
+    for line in lines:
+        err.print(line, highlight=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        result = prepare(args.input, args.out, cfg, labels=args.labels, label_map=args.label_map)
+    except (ValueError, FileNotFoundError, CacheError, LabelsError, LabelMapError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except PrepareInterrupted as stop:
+        console.print(
+            f"interrupted: {stop.done} of {stop.pending} scans to convert were finished and are "
+            f"kept in {args.out}; run the same command again to resume",
+            highlight=False,
+        )
+        return 130
+    except KeyboardInterrupt:
+        console.print("interrupted before any scan was converted; run the same command again")
+        return 130
+    print_summary(args.out, out)
+    usable = len(result.rows)
+    files = sum(len(r.files) for r in result.rejections)
+    again = f", {result.regenerated} damaged ones prepared again" if result.regenerated else ""
+    out.print(
+        f"prepared {plural(usable, 'scan')} ({result.reused} reused{again}), rejected "
+        f"{plural(len(result.rejections), 'input')} ({plural(files, 'file')}), ignored "
+        f"{plural(len(result.ignored), 'file')} in {result.seconds:.1f} s → {args.out}; "
+        f"details in {Path(args.out) / 'qa.html'}",
+        highlight=False,
+    )
+    if args.labels is None:
+        warn_unlabelled(result.rows, Path(args.input))
+    if usable == 0 or (args.strict and result.rejections):
+        return 1
+    return 0

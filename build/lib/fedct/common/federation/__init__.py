@@ -1,0 +1,1 @@
+"""What travels between the sites and the coordinator: model weights, site errors."""

@@ -1,0 +1,2 @@
+"""The run directory: a checkpoint and a model card per round, metrics, pointers, and their
+one reader."""

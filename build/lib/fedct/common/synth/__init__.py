@@ -1,0 +1,1 @@
+"""Synthetic chest-CT cohorts that stand in for hospitals."""

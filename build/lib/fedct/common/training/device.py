@@ -1,0 +1,55 @@
+"""Choice of the torch device and of mixed precision: CUDA when present, the CPU otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """The requested device is unknown or not present on this machine."""
+
+
+def pick_device(preference: str | torch.device = "auto") -> torch.device:
+    """The device to compute on.
+
+    ``"auto"`` gives CUDA when available, else the CPU; ``"cpu"``, ``"cuda"`` and ``"cuda:N"``
+    are honoured as given and raise :class:`DeviceError` when that device does not exist.
+    """
+    text = str(preference).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"unsupported device {preference!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {preference!r} requested but CUDA is not available here")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"device {preference!r} requested but only {count} CUDA device(s) exist")
+    return device
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast precision on ``device``: bf16 (fp16 on GPUs without it) on CUDA, none on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@contextlib.contextmanager
+def autocast_context(device: torch.device) -> Iterator[None]:
+    """Mixed-precision autocast on CUDA; a no-op on the CPU, where full precision is kept."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield

@@ -1,0 +1,1 @@
+"""Who may take part and which code runs: certificates and signed app bundles."""

@@ -1,0 +1,1 @@
+"""Coordinator side: the Flower ServerApp, strategies, central evaluation and checkpoints."""

@@ -1,0 +1,337 @@
+"""The federated rounds: a Flower strategy's hooks, driven by fedct's own loop.
+
+Flower 1.41's ``Strategy.start`` always runs rounds 1..N, so it cannot resume at round k+1.
+This loop calls the same four hooks (configure/aggregate train, configure/aggregate
+evaluate) with the real round numbers and adds what ``start`` lacks: a deadline for nodes to
+connect, a straggler deadline for replies (server/replies.py), a minimum of successful train
+replies, weights that travel in ``transport-dtype`` but are aggregated in the model's own
+dtypes, a COVID-19 operating point chosen on the sites' pooled tune histograms, and a
+checkpoint + model card every round that names every site's part in it (server/roster.py).
+For the cross-site validation at the end of a run (server/crosssite.py) it keeps each site's
+last trained weights.
+
+The federated operating point: each round, the sites' tune-split histograms of p(COVID-19)
+(list metrics of the evaluate replies) are taken out of every reply before the strategy
+averages the numbers, summed, and the COVID-19 threshold is chosen on the pool
+(common/metrics/pooled_operating_point.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, UserConfig
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedct.common.federation.transport import (
+    LAYOUT_KEY,
+    Layout,
+    TransportError,
+    conform,
+    dtypes_of,
+    payload_bytes,
+    to_record,
+)
+from fedct.common.metrics.operating_point import OperatingPoint
+from fedct.common.metrics.pooled_operating_point import COVID_KEY, OTHER_KEY, choose_from_histograms
+from fedct.common.run.directory import RunDirectory, round_record
+from fedct.server.central_eval import CentralEvaluator
+from fedct.server.global_model import GlobalModel
+from fedct.server.replies import Collected, collect, shortfall, split_replies, wait_for_nodes
+from fedct.server.roster import Roster, site_name
+from fedct.server.settings import ServerSettings
+from fedct.server.strategies import WEIGHT_KEY, strategy_state
+
+# Called after every recorded round with (round, model card, metrics line): progress lines,
+# TensorBoard (server/progress.py, server/tensorboard_log.py).
+RoundObserver = Callable[[int, dict[str, Any], dict[str, Any]], None]
+
+
+def reply_metrics(reply: Message) -> dict[str, Any]:
+    """The one MetricRecord of a successful reply, as a dict."""
+    return dict(next(iter(reply.content.metric_records.values())))
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A site's weights from the last round it trained in, as the coordinator received them."""
+
+    node_id: int
+    round: int
+    arrays: ArrayRecord
+
+
+class Federation:
+    """Runs rounds of ``strategy`` over ``grid`` and records each in ``run_dir``."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: FedAvg,
+        settings: ServerSettings,
+        run_dir: RunDirectory,
+        model: GlobalModel,
+        evaluator: CentralEvaluator,
+        run_config: UserConfig,
+        run_key: str,
+        roster: Roster | None = None,
+    ) -> None:
+        self.grid = grid
+        self.strategy = strategy
+        self.settings = settings
+        self.run_dir = run_dir
+        self.model = model
+        self.evaluator = evaluator
+        self.run_config = dict(run_config)
+        self.run_key = run_key
+        initial = model.arrays()
+        self.dtypes = dtypes_of(initial)
+        self.layout = Layout.of(initial)
+        self.local_models: dict[str, LocalModel] = {}
+        self.roster = roster or Roster()
+        self.observers: list[RoundObserver] = []
+        self.card_extras: dict[str, Any] = {}  # e.g. the Flower run id and software versions
+
+    def run(self, arrays: ArrayRecord, first_round: int) -> ArrayRecord:
+        """Rounds ``first_round`` .. ``num_rounds`` from ``arrays``; round 0 is the initial
+        model, evaluated centrally and checkpointed.  Returns the final global arrays."""
+        if first_round == 0:
+            self._record(0, arrays, {}, {}, time.monotonic())
+            first_round = 1
+        for server_round in range(first_round, self.settings.num_rounds + 1):
+            started = time.monotonic()
+            log(INFO, "[ROUND %d/%d]", server_round, self.settings.num_rounds)
+            wait_for_nodes(self.grid, self.settings.min_nodes, self.settings.node_wait_timeout)
+            connected = self.roster.connected(self.grid)
+            arrays, train = self._train(server_round, arrays)
+            evaluation, operating_point = self._evaluate(server_round, arrays)
+            train["sites"] = self.roster.round_sites(
+                connected,
+                train.pop("sampled"),
+                [p["site"] for p in train["participants"]],
+                {"train": train["failures"], "evaluate": evaluation["failures"]},
+            )
+            self._record(server_round, arrays, train, evaluation, started, operating_point)
+        return arrays
+
+    def exchange(self, messages: Iterable[Message]) -> tuple[Collected, int, int]:
+        """Send ``messages`` with their arrays packed in the transport dtype and the layout's
+        fingerprint in their config (common/federation/transport.py), and collect the replies up
+        to the straggler deadline (server/replies.py).
+
+        Returns the replies collected, the number of messages sent and the bytes of arrays
+        sent.
+        """
+        messages = list(messages)
+        key = self.strategy.arrayrecord_key
+        # Flower's strategies may give several messages one shared content: read every
+        # message's record before replacing any.
+        records = [message.content[key] for message in messages]
+        packed: dict[int, ArrayRecord] = {}
+        for record in records:
+            if id(record) not in packed:
+                packed[id(record)] = self.layout.pack(record, self.settings.transport_dtype)
+        for message, record in zip(messages, records, strict=True):
+            message.content[key] = packed[id(record)]
+            message.content[self.strategy.configrecord_key][LAYOUT_KEY] = self.layout.fingerprint
+        sent_bytes = sum(payload_bytes(packed[id(record)]) for record in records)
+        collected = collect(
+            self.grid,
+            messages,
+            timeout=self.settings.round_timeout,
+            minimum=self.settings.min_train_replies,
+            factor=self.settings.straggler_factor,
+        )
+        for reply in collected.replies:
+            self.roster.learn_from(collected.node(reply), reply)
+        return collected, len(messages), sent_bytes
+
+    def failures(self, collected: Collected, failed: list[Message]) -> list[dict[str, Any]]:
+        """Every node of an exchange that failed or sent no reply, named, with the reason."""
+        return [
+            *(self.roster.failure(collected.node(r), r.error.reason) for r in failed),
+            *(self.roster.failure(node, why) for node, why in sorted(collected.missing.items())),
+        ]
+
+    def _train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
+        phase_started = time.monotonic()
+        config = self.settings.train_config(self.run_key, server_round)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        collected, sent, down_bytes = self.exchange(messages)
+        ok, failed = split_replies(collected.replies)
+        # Replies come in arrival order; float sums in a fixed order keep a seeded run
+        # reproducible (one ulp of difference grows over the rounds).
+        ok.sort(key=site_name)
+        participants, accepted, rejected = [], [], []
+        for reply in ok:
+            (key, record), *_ = reply.content.array_records.items()
+            try:
+                unpacked = to_record(self.layout.unpack(record))
+            except TransportError as exc:
+                log(
+                    WARNING,
+                    "round %d: ignoring a reply of %s: %s",
+                    server_round,
+                    site_name(reply),
+                    exc,
+                )
+                rejected.append(self.roster.failure(collected.node(reply), str(exc)))
+                continue
+            metrics = reply_metrics(reply)
+            participants.append(
+                {
+                    "site": site_name(reply),
+                    "node_id": reply.metadata.src_node_id,
+                    "num-examples": metrics.get(WEIGHT_KEY),
+                    "upload-bytes": payload_bytes(record),
+                    "metrics": metrics,
+                }
+            )
+            reply.content[key] = unpacked
+            accepted.append(reply)
+            if self.settings.cross_site:
+                self.local_models[site_name(reply)] = LocalModel(
+                    reply.metadata.src_node_id, server_round, unpacked
+                )
+        reason = shortfall(len(accepted), sent, self.settings.min_train_replies)
+        aggregated: dict[str, Any] = {}
+        if reason is not None:
+            log(WARNING, "round %d: %s", server_round, reason)
+        else:
+            new_arrays, metrics = self.strategy.aggregate_train(server_round, accepted + failed)
+            if new_arrays is not None:
+                arrays = conform(new_arrays, self.dtypes)
+            aggregated = dict(metrics or {})
+        return arrays, {
+            "participants": participants,
+            "failures": self.failures(collected, failed) + rejected,
+            "sampled": [message.metadata.dst_node_id for message in messages],
+            "reply-seconds": {self.roster.name(n): t for n, t in collected.seconds.items()},
+            "kept_previous_model": reason,
+            "aggregated": aggregated,
+            "download-bytes": down_bytes,
+            "upload-bytes": sum(p["upload-bytes"] for p in participants),
+            "phase-seconds": round(time.monotonic() - phase_started, 3),
+        }
+
+    def _evaluate(
+        self, server_round: int, arrays: ArrayRecord
+    ) -> tuple[dict[str, Any], OperatingPoint | None]:
+        """Federated evaluation, and the operating point chosen on the replies' histograms."""
+        config = self.settings.evaluate_config(self.run_key)
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
+        collected, _, _ = self.exchange(messages)
+        ok, failed = split_replies(collected.replies)
+        ok.sort(key=site_name)
+        operating_point = federated_operating_point(
+            ok, self.settings.operating_point_rule, self.settings.operating_point_min_specificity
+        )
+        aggregated = self.strategy.aggregate_evaluate(server_round, ok + failed)
+        evaluation = {
+            "sites": [{"site": site_name(reply), "metrics": reply_metrics(reply)} for reply in ok],
+            "failures": self.failures(collected, failed),
+            "aggregated": dict(aggregated or {}),
+        }
+        return evaluation, operating_point
+
+    def _record(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        train: dict[str, Any],
+        evaluation: dict[str, Any],
+        started: float,
+        operating_point: OperatingPoint | None = None,
+    ) -> None:
+        """Central evaluation, then the checkpoint, card, metrics line and pointers."""
+        self.model.load_arrays(arrays)
+        central = self.evaluator()
+        card, line = round_record(
+            strategy=self.settings.strategy,
+            model_config=asdict(self.model.cfg),
+            run_config=self.run_config,
+            train=train,
+            train_metrics=train.get("aggregated", {}),
+            federated=evaluation.get("aggregated", {}),
+            central=central,
+            seconds=time.monotonic() - started,
+            sites={p["site"]: p["num-examples"] for p in train.get("participants", [])},
+            card={
+                "transport_dtype": self.settings.transport_dtype,
+                "federated_evaluation": evaluation,
+                "operating_point": operating_point.to_dict() if operating_point else None,
+                **self.card_extras,
+            },
+            line={
+                "failures": len(train.get("failures", [])),
+                "failed_sites": sorted(
+                    {f["site"] for f in train.get("sites", {}).get("failed", [])}
+                ),
+                "kept_previous_model": train.get("kept_previous_model"),
+                "download-bytes": train.get("download-bytes", 0),
+                "upload-bytes": train.get("upload-bytes", 0),
+                "train-phase-seconds": train.get("phase-seconds"),
+            },
+        )
+        metric = self.settings.best_metric
+        self.run_dir.save_round(
+            server_round,
+            self.model.full_state(),
+            card,
+            line,
+            strategy_state(self.strategy),
+            best_metric=metric,
+        )
+        best = self.run_dir.read_json("best.json") or {}
+        if best.get("round") == server_round:
+            log(
+                INFO,
+                "round %d is the best so far by %s = %.4f",
+                server_round,
+                metric,
+                best["value"],
+            )
+        log(INFO, "round %d checkpointed in %s", server_round, self.run_dir.path)
+        for observe in self.observers:
+            observe(server_round, card, line)
+
+
+def _take_histograms(reply: Message) -> tuple[np.ndarray, np.ndarray] | None:
+    """Remove the reply's histograms from its metrics and return them (None if it has none)."""
+    metrics = next(iter(reply.content.metric_records.values()))
+    covid, other = metrics.pop(COVID_KEY, None), metrics.pop(OTHER_KEY, None)
+    if covid is None or other is None:
+        return None
+    return np.asarray(covid, np.int64), np.asarray(other, np.int64)
+
+
+def federated_operating_point(
+    replies: Iterable[Message], rule: str, min_specificity: float
+) -> OperatingPoint | None:
+    """The operating point chosen by ``rule`` on the summed histograms of the successful
+    evaluate ``replies``, which lose their histogram metrics.  None, with a warning, when no
+    reply holds histograms or the pooled tune splits lack COVID-19 or other scans."""
+    pooled = [h for reply in replies if (h := _take_histograms(reply)) is not None]
+    if not pooled:
+        log(WARNING, "operating point not chosen: no site sent tune histograms")
+        return None
+    sites = sum(int(covid.sum() + other.sum()) > 0 for covid, other in pooled)
+    try:
+        # ValueError when the sites' bins differ, or the pool lacks a class.
+        covid = np.sum([pair[0] for pair in pooled], axis=0, dtype=np.int64)
+        other = np.sum([pair[1] for pair in pooled], axis=0, dtype=np.int64)
+        scans = int(covid.sum() + other.sum())
+        chosen_on = f"pooled tune splits of {sites} site{'s' * (sites != 1)}, {scans} scans"
+        return choose_from_histograms(
+            covid, other, rule, min_specificity=min_specificity, chosen_on=chosen_on
+        )
+    except ValueError as exc:
+        log(WARNING, "operating point not chosen: %s", exc)
+        return None
