@@ -13,6 +13,7 @@ installing flwr reach PyPI, as ``make test``'s own install does.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -46,9 +47,14 @@ def _fresh_environment(tmp_path: Path, wheel: Path) -> Path:
 
 
 def test_the_wheel_installs_under_fedct_and_runs_outside_the_checkout(tmp_path: Path) -> None:
-    dist = tmp_path / "dist"
+    source, dist = tmp_path / "source", tmp_path / "dist"
+    listed = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT)
+    for name in listed.splitlines():  # setuptools builds in the tree: not in the checkout's
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"]
-    _run([*pip_wheel, "-w", str(dist), str(ROOT)], tmp_path)
+    _run([*pip_wheel, "-w", str(dist), str(source)], tmp_path)
     (wheel,) = dist.glob("fedct-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {

@@ -31,7 +31,7 @@ from rich.markup import escape
 
 from fedct.client.evaluator.report import UNTUNED, ci_text, render_report
 from fedct.common import html_page
-from fedct.common.cache.config import RUN_CONFIG_KEYS, PrepareConfig
+from fedct.common.cache.config import RUN_CONFIG_KEYS, PrepareConfig, differing_settings
 from fedct.common.cache.dataset import CacheDataset, make_loader, to_model_input
 from fedct.common.cache.prepare import prepare
 from fedct.common.cache.scan_index import verify_cache
@@ -197,7 +197,8 @@ def _cache_for(
             )
         verify_cache(data)
         cached = read_settings(data) or {}
-        differ = [k for k in settings if k not in missing and cached.get(k) != settings[k]]
+        wanted = {k: v for k, v in settings.items() if k not in missing}
+        differ = list(differing_settings(cached, wanted))
         if differ:
             raise CacheError(
                 f"{data}: prepared with {_settings_text(cached, differ)}, but the model was "

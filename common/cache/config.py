@@ -4,6 +4,7 @@ must share with every cache it uses (and under which run-config keys)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,3 +26,16 @@ class PrepareConfig:
     def cache_settings(self) -> dict[str, Any]:
         """The settings that change cached pixels: a cache is only extended with equal ones."""
         return {name: getattr(self, name) for name in RUN_CONFIG_KEYS}
+
+
+def differing_settings(
+    cached: Mapping[str, Any], wanted: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """``{name: (cached value, wanted value)}`` of the cache settings (:data:`RUN_CONFIG_KEYS`
+    names) in which a cache's recorded ``cached`` differ from ``wanted``; a setting that
+    ``wanted`` lacks is not compared."""
+    return {
+        name: (cached.get(name), wanted[name])
+        for name in RUN_CONFIG_KEYS
+        if name in wanted and cached.get(name) != wanted[name]
+    }

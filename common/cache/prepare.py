@@ -24,7 +24,7 @@ from typing import Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from fedct.common.cache.config import PrepareConfig
+from fedct.common.cache.config import PrepareConfig, differing_settings
 from fedct.common.cache.normalize import parse_normalization, to_cache_pixels
 from fedct.common.cache.pseudonym import load_or_create_salt, pseudonym
 from fedct.common.cache.qa import QACollector, plural, print_summary, scan_hu_counts
@@ -131,9 +131,7 @@ def prepare(
     table = LabelTable.load(labels) if labels else None
     previous = read_settings(cache_dir)
     if previous is not None:
-        mismatch = {
-            k: (previous.get(k), v) for k, v in cfg.cache_settings().items() if previous.get(k) != v
-        }
+        mismatch = differing_settings(previous, cfg.cache_settings())
         if mismatch:
             raise CacheError(
                 f"{cache_dir}: prepared with other settings "

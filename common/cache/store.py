@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from fedct.common.cache.config import RUN_CONFIG_KEYS
+from fedct.common.cache.config import RUN_CONFIG_KEYS, differing_settings
 
 CACHE_VERSION = 1
 MANIFEST_RECORD = "manifest"  # cache.json: {"rows": N, "sha256": ...} of manifest.csv
@@ -124,10 +124,10 @@ def check_run_settings(cache_dir: Path, run_config: Mapping[str, Any]) -> None:
     settings = read_settings(cache_dir)
     if settings is None:
         raise CacheError(f"{cache_dir}: no cache.json; run `fedct prepare` for this data")
+    wanted = {name: run_config[key] for name, key in RUN_CONFIG_KEYS.items() if key in run_config}
     differences = [
-        f"{key} = {run_config[key]!r} but the cache has {settings.get(name)!r}"
-        for name, key in RUN_CONFIG_KEYS.items()
-        if key in run_config and settings.get(name) != run_config[key]
+        f"{RUN_CONFIG_KEYS[name]} = {run!r} but the cache has {cached!r}"
+        for name, (cached, run) in differing_settings(settings, wanted).items()
     ]
     if differences:
         raise CacheError(

@@ -1,1 +1,0 @@
-"""Code shared by hospitals, the coordinator and evaluators: ingestion, cache, model, metrics."""

@@ -1,1 +1,0 @@
-"""What travels between the sites and the coordinator: model weights, site errors."""

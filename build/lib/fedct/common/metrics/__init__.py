@@ -1,1 +1,0 @@
-"""Classification metrics, bootstrap confidence intervals and the COVID-19 operating point."""

@@ -1,1 +1,0 @@
-"""Synthetic chest-CT cohorts that stand in for hospitals."""

@@ -1,1 +1,0 @@
-"""Coordinator side: the Flower ServerApp, strategies, central evaluation and checkpoints."""

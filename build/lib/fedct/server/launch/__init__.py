@@ -1,1 +1,0 @@
-"""Local launchers: a federated simulation, the demo, the centralized and single-site baselines."""
