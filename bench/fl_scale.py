@@ -56,6 +56,7 @@ from bench.fl_overhead import (
     simulate_fresh,
 )
 from bench.proc_sampler import ProcessSampler, command_line, session_members
+from bench.scale_plan import plan, plan_table
 from server.checkpoints import RunDirectory
 from server.simulate import FLOWER_HOME, Resources, local_flower_processes, resolve_paths
 from tests.conftest import write_tiny_cache
@@ -482,6 +483,8 @@ def main() -> None:
         **{engine: {"sizes": sizes, "growth": growth(sizes)} for engine, sizes in results.items()},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    if result["simulation"]["sizes"]:
+        result["plan"] = plan(result)
     out = Console(width=200)
     for engine in ("simulation", "deployment"):
         if result[engine]["sizes"]:
@@ -492,6 +495,8 @@ def main() -> None:
             out.print(
                 growth_table(f"{engine}: growth with the number of sites", result[engine]["growth"])
             )
+    if "plan" in result:
+        out.print(plan_table(result["plan"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     out.print(f"wrote {args.out}")
