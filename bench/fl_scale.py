@@ -88,7 +88,13 @@ GROWTH = (
     "central_seconds",
     "other_seconds",
     "sum_train_seconds",
+    "last_train_reply_seconds",
+    "after_last_reply_seconds",
+    "median_reply_beyond_train_seconds",
     "coordinator_cpu_seconds",
+    "serverapp_cpu_seconds",
+    "superlink_cpu_seconds",
+    "superlink_io_bytes",
     "coordinator_bytes",
     "serverapp_peak_bytes",
 )
@@ -98,7 +104,6 @@ MEDIANS = (
     "ratio",
     "train_phase_ratio",
     "first_train_reply_seconds",
-    "last_train_reply_seconds",
     "upload_bytes_per_client",
     "download_bytes_per_client",
     "train_download_bytes",
@@ -146,12 +151,17 @@ def round_row(
     row = round_figures(line, card)
     train_seconds = [p["metrics"]["train-seconds"] for p in card["train"]["participants"]]
     phases = [line["train-phase-seconds"], line["evaluate-phase-seconds"], line["central-seconds"]]
-    replies = sorted(card["train"]["reply-seconds"].values())
+    reply_seconds = card["train"]["reply-seconds"]
+    replies = sorted(reply_seconds.values())
+    # What a site's reply took beyond its own training: starting its ClientApp (a process in
+    # deployment, an actor's turn in simulation), loading the model, the transfers.
+    beyond = [
+        reply_seconds[p["site"]] - p["metrics"]["train-seconds"]
+        for p in card["train"]["participants"]
+        if p["site"] in reply_seconds
+    ]
     began, ended = ends[line["round"] - 1], ends[line["round"]]
-    cpu = {
-        role: sampler.between(role, began, ended)
-        for role in ("serverapp", "superlink", "superexec")
-    }
+    cpu = {role: sampler.between(role, began, ended) for role in ROLES}
     sent = line["download-bytes"] + line["evaluate-download-bytes"]
     return {
         **row,
@@ -162,12 +172,19 @@ def round_row(
         "sum_train_seconds": sum(train_seconds),
         "first_train_reply_seconds": replies[0] if replies else None,
         "last_train_reply_seconds": replies[-1] if replies else None,
+        # Sending, then unpacking and averaging once the last reply is in.
+        "after_last_reply_seconds": line["train-phase-seconds"] - replies[-1] if replies else None,
+        "median_reply_beyond_train_seconds": statistics.median(beyond) if beyond else None,
         "train_download_bytes": line["download-bytes"],
         "evaluate_download_bytes": line["evaluate-download-bytes"],
         "upload_bytes": line["upload-bytes"],
         "coordinator_bytes": sent + line["upload-bytes"],
         "coordinator_cpu": cpu,
         "coordinator_cpu_seconds": sum(c["cpu_seconds"] for c in cpu.values()),
+        "serverapp_cpu_seconds": cpu["serverapp"]["cpu_seconds"],
+        "superlink_cpu_seconds": cpu["superlink"]["cpu_seconds"],
+        # Every read()/write() syscall of the SuperLink: sockets, its SQLite state, logs.
+        "superlink_io_bytes": cpu["superlink"]["read_bytes"] + cpu["superlink"]["written_bytes"],
     }
 
 
@@ -205,21 +222,6 @@ def size_figures(
         "run_dir": str(run_dir.path),
         "processes_seen": sampler.roles(),
         "median": median,
-        "median_cpu": {
-            role: _median([r["coordinator_cpu"][role] for r in steady], "cpu_seconds")
-            for role in ROLES
-        },
-        # Every read()/write() syscall of the SuperLink: sockets, its SQLite state, logs.
-        "median_superlink_io_bytes": _median(
-            [
-                {
-                    "io": r["coordinator_cpu"]["superlink"]["read_bytes"]
-                    + r["coordinator_cpu"]["superlink"]["written_bytes"]
-                }
-                for r in steady
-            ],
-            "io",
-        ),
         "rounds": rows,
     }
 
@@ -356,17 +358,17 @@ def coordinator_table(title: str, sizes: list[dict[str, Any]]) -> Table:
     for column in columns:
         table.add_column(column, justify="right")
     for size in sizes:
-        m, cpu = size["median"], size["median_cpu"]
+        m = size["median"]
         sent = (m["train_download_bytes"] or 0) + (m["evaluate_download_bytes"] or 0)
         table.add_row(
             str(size["sites"]),
             fmt(m["coordinator_cpu_seconds"], ".2f"),
-            fmt(cpu["serverapp"], ".2f"),
-            fmt(cpu["superlink"], ".2f"),
+            fmt(m["serverapp_cpu_seconds"], ".2f"),
+            fmt(m["superlink_cpu_seconds"], ".2f"),
             fmt(sent / 1e6, ".2f"),
             fmt(m["upload_bytes"] / 1e6, ".2f"),
             fmt(m["coordinator_bytes"] / 1e6 / size["sites"], ".3f"),
-            fmt(size["median_superlink_io_bytes"] / 1e6, ".1f"),
+            fmt(m["superlink_io_bytes"] / 1e6, ".1f"),
             fmt(m["serverapp_peak_bytes"] / 2**20, ".0f"),
             fmt(m["superlink_peak_bytes"] / 2**20, ".0f"),
         )

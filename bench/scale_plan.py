@@ -89,10 +89,10 @@ def plan(result: dict[str, Any], sites: int = SITES) -> dict[str, Any]:
             "scale_from_tiny": scale,
             "network_per_round": network,
             "serverapp_cpu_seconds": _extrapolate(
-                _slope(simulation, lambda s: s["median_cpu"]["serverapp"]), scale, sites
+                _slope(simulation, lambda s: s["median"]["serverapp_cpu_seconds"]), scale, sites
             ),
             "superlink_cpu_seconds": _extrapolate(
-                _slope(deployment, lambda s: s["median_cpu"]["superlink"]), scale, sites
+                _slope(deployment, lambda s: s["median"]["superlink_cpu_seconds"]), scale, sites
             ),
             "serverapp_peak_bytes": _extrapolate(
                 _slope(simulation, lambda s: s["median"]["serverapp_peak_bytes"]), scale, sites

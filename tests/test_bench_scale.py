@@ -68,15 +68,16 @@ def test_a_size_is_the_median_of_its_steady_rounds(tmp_path: Path) -> None:
     assert m["seconds"] == pytest.approx(1.0)
     assert m["other_seconds"] == pytest.approx(1.0 - 0.6 - 0.2 - 0.05)
     assert m["slowest_train_seconds"] == pytest.approx(0.2)
+    assert m["last_train_reply_seconds"] == pytest.approx(0.2)
+    assert m["after_last_reply_seconds"] == pytest.approx(0.6 - 0.2)
+    assert m["median_reply_beyond_train_seconds"] == pytest.approx(0.0)
     assert m["sum_train_seconds"] == pytest.approx(0.3)
     assert m["ideal_train_seconds"] == pytest.approx(0.3)  # one site at a time
     assert m["coordinator_bytes"] == 6000  # train down, evaluate down, train up
     assert m["coordinator_cpu_seconds"] == pytest.approx(0.2 + 0.2)
-    assert figures["median_cpu"] == pytest.approx(
-        {"serverapp": 0.2, "superlink": 0.2, "superexec": 0.0}
-    )
+    assert (m["serverapp_cpu_seconds"], m["superlink_cpu_seconds"]) == pytest.approx((0.2, 0.2))
     # Rounds 2 and 3 of the SuperLink: 20 + 5 and 30 + 5 bytes read and written.
-    assert figures["median_superlink_io_bytes"] == pytest.approx(30)
+    assert m["superlink_io_bytes"] == pytest.approx(30)
     assert m["serverapp_peak_bytes"] == 102 * 10**6
 
 
