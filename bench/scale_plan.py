@@ -6,11 +6,13 @@ again to every site for federated evaluation (fraction-evaluate is fixed at 1.0,
 server/strategies.py), and receives one model from each trained site: measured as the
 payloads per site per round of the largest simulated size.  From that, for a model of M
 bytes per weights message, N sites and fraction-train f: N · M · (2f + 1) bytes, and the
-seconds those take on the coordinator's link.  CPU and memory are extrapolated linearly
-from the two largest measured sizes: the measured intercept plus N × the per-site slope,
-once with the slope as measured on the tiny model (per-site work that does not grow with
-the model) and once scaled by M / the tiny model's bytes (per-site work proportional to the
-bytes: packing, unpacking, averaging); the truth lies between for work that is linear in N.
+seconds those take on the coordinator's link.  Memory: the measured ServerApp peak plus the
+models it must hold per site.  CPU is extrapolated linearly from the two largest sizes: the
+measured intercept plus N × the per-site slope, once with the slope as measured on the tiny
+model (per-site work that does not grow with the model) and once scaled by M / the tiny
+model's bytes (per-site work proportional to the bytes: packing, unpacking, averaging); the
+truth lies between for work that is linear in N.  The SuperLink's CPU is mostly per message
+and per online node (:func:`_superlink`), so it is not scaled by the model's bytes.
 
 bench/fl_scale.py adds the plan to its JSON (``plan``); this command recomputes it from a
 JSON already written, prints it and writes it back.
@@ -65,6 +67,43 @@ def _extrapolate(
     }
 
 
+def _superlink(
+    deployment: list[dict[str, Any]], network: dict[str, Any], sites: int
+) -> dict[str, Any] | None:
+    """The SuperLink's CPU per round: what it spends per online node per second with no run
+    (polling, heartbeats; the largest deployment's idle rate / its nodes) × the round's
+    seconds, plus what it spends per site per round beyond that (messages, ClientApp
+    processes, its state), measured at each deployed size; the round taken as long as the
+    coordinator's 1 Gbit/s link needs for the bytes."""
+    if not deployment:
+        return None
+    largest = deployment[-1]
+    per_node_second = largest["idle_cpu_per_second"]["superlink"] / largest["sites"]
+    per_site = {
+        str(size["sites"]): (
+            size["median"]["superlink_cpu_seconds"]
+            - size["idle_cpu_per_second"]["superlink"] * size["median"]["seconds"]
+        )
+        / size["sites"]
+        for size in deployment
+    }
+    low, high = min(per_site.values()), max(per_site.values())
+    return {
+        "idle_cpu_per_node_second": per_node_second,
+        "per_site_per_round_beyond_idle": per_site,
+        "planned": {
+            fraction: {
+                "round_seconds": figures["seconds_at_1_gbit"],
+                "cpu_seconds": [
+                    sites * (per_node_second * figures["seconds_at_1_gbit"] + beyond)
+                    for beyond in (low, high)
+                ],
+            }
+            for fraction, figures in network.items()
+        },
+    }
+
+
 def plan(result: dict[str, Any], sites: int = SITES) -> dict[str, Any]:
     """The coordinator's needs per round for ``sites`` sites and each of :data:`MODELS`."""
     simulation = result["simulation"]["sizes"]
@@ -74,6 +113,7 @@ def plan(result: dict[str, Any], sites: int = SITES) -> dict[str, Any]:
     largest = simulation[-1]["median"]
     tiny = largest["upload_bytes_per_client"]
     payloads = largest["coordinator_bytes"] / (simulation[-1]["sites"] * tiny)
+    peak = max(size["median"]["serverapp_peak_bytes"] for size in simulation)
     models = {}
     for name, model_bytes in MODELS.items():
         scale = model_bytes / tiny
@@ -91,14 +131,18 @@ def plan(result: dict[str, Any], sites: int = SITES) -> dict[str, Any]:
             "serverapp_cpu_seconds": _extrapolate(
                 _slope(simulation, lambda s: s["median"]["serverapp_cpu_seconds"]), scale, sites
             ),
-            "superlink_cpu_seconds": _extrapolate(
-                _slope(deployment, lambda s: s["median"]["superlink_cpu_seconds"]), scale, sites
-            ),
-            "serverapp_peak_bytes": _extrapolate(
-                _slope(simulation, lambda s: s["median"]["serverapp_peak_bytes"]), scale, sites
-            ),
-            # Before averaging, every trained site's reply is in the ServerApp at once.
-            "replies_held_bytes": sites * model_bytes,
+            "superlink_cpu_seconds": _superlink(deployment, network, sites),
+            "serverapp_peak_bytes": {
+                # The measured peak hardly moves with the tiny model (torch and timm dominate
+                # it), so the plan adds what the ServerApp must hold per site on top: every
+                # trained site's reply at once before averaging, and with cross-site (the
+                # default) each site's last weights until the end of the run.
+                "measured_at_largest": peak,
+                "replies_held": sites * model_bytes,
+                "cross_site_kept": sites * model_bytes,
+                "planned": peak + 2 * sites * model_bytes,
+                "planned_without_cross_site": peak + sites * model_bytes,
+            },
         }
     return {
         "sites": sites,
@@ -117,21 +161,25 @@ def plan_table(figures: dict[str, Any]) -> Table:
         "s at 1 / 10 Gbit/s",
         "ServerApp CPU s",
         "SuperLink CPU s",
-        "ServerApp peak GB",
+        "ServerApp peak GB (cross-site off / on)",
     ):
         table.add_column(column, justify="right")
     for name, model in figures["models"].items():
         for fraction, network in model["network_per_round"].items():
             cells = []
-            for key in ("serverapp_cpu_seconds", "superlink_cpu_seconds", "serverapp_peak_bytes"):
-                fit = model[key]
-                unit = 1e9 if key.endswith("bytes") else 1.0
-                cells.append(
-                    "–"
-                    if fit is None
-                    else f"{fmt(fit['per_site_as_measured'] / unit, '.2f')} – "
-                    f"{fmt(fit['per_site_scaled_by_bytes'] / unit, '.2f')}"
-                )
+            fit = model["serverapp_cpu_seconds"]
+            cells.append(
+                "–"
+                if fit is None
+                else f"{fit['per_site_as_measured']:.1f} – {fit['per_site_scaled_by_bytes']:.1f}"
+            )
+            superlink = model["superlink_cpu_seconds"]
+            low, high = superlink["planned"][fraction]["cpu_seconds"] if superlink else (None,) * 2
+            cells.append(f"{fmt(low, '.0f')} – {fmt(high, '.0f')}")
+            memory = model["serverapp_peak_bytes"]
+            cells.append(
+                f"{memory['planned_without_cross_site'] / 1e9:.2f} / {memory['planned'] / 1e9:.2f}"
+            )
             table.add_row(
                 name,
                 fraction.removeprefix("fraction-train="),
