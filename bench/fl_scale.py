@@ -99,6 +99,7 @@ GROWTH = (
     "serverapp_peak_bytes",
 )
 
+# The other figures whose median over the measured rounds is reported.
 MEDIANS = (
     "slowest_train_seconds",
     "ratio",
@@ -226,7 +227,9 @@ def size_figures(
     }
 
 
-def simulated(sites: int, rounds: int, cpus: int, caches: list[Path], external: Path) -> dict:
+def simulated(
+    sites: int, rounds: int, cpus: int, caches: list[Path], external: Path
+) -> dict[str, Any]:
     """One simulation of ``sites`` sites and ``rounds`` rounds, sampled."""
     run_dir = fresh_run_dir(WORK / f"sim-{sites}")
     overrides = {
@@ -252,7 +255,7 @@ def simulated(sites: int, rounds: int, cpus: int, caches: list[Path], external: 
     return size_figures(run, sampler, sites, at_once, 2, time.perf_counter() - began)
 
 
-def deployed(sites: int, rounds: int, caches: list[Path], external: Path) -> dict:
+def deployed(sites: int, rounds: int, caches: list[Path], external: Path) -> dict[str, Any]:
     """One run of ``rounds`` rounds on a loopback deployment of ``sites`` SuperNodes, sampled."""
     root = fresh_run_dir(WORK / f"deploy-{sites}")
     (root / "logs").mkdir(parents=True)
