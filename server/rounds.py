@@ -225,9 +225,10 @@ class Federation:
         self, server_round: int, arrays: ArrayRecord
     ) -> tuple[dict[str, Any], OperatingPoint | None]:
         """Federated evaluation, and the operating point chosen on the replies' histograms."""
+        phase_started = time.monotonic()
         config = self.settings.evaluate_config(self.run_key)
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
-        collected, _, _ = self.exchange(messages)
+        collected, _, down_bytes = self.exchange(messages)
         ok, failed = split_replies(collected.replies)
         ok.sort(key=site_name)
         operating_point = federated_operating_point(
@@ -238,6 +239,9 @@ class Federation:
             "sites": [{"site": site_name(reply), "metrics": reply_metrics(reply)} for reply in ok],
             "failures": self.failures(collected, failed),
             "aggregated": dict(aggregated or {}),
+            "reply-seconds": {self.roster.name(n): t for n, t in collected.seconds.items()},
+            "download-bytes": down_bytes,
+            "phase-seconds": round(time.monotonic() - phase_started, 3),
         }
         return evaluation, operating_point
 
@@ -252,6 +256,7 @@ class Federation:
     ) -> None:
         """Central evaluation, then the checkpoint, card, metrics line and pointers."""
         self.model.load_arrays(arrays)
+        central_started = time.monotonic()
         central = self.evaluator()
         card, line = round_record(
             strategy=self.settings.strategy,
@@ -278,6 +283,9 @@ class Federation:
                 "download-bytes": train.get("download-bytes", 0),
                 "upload-bytes": train.get("upload-bytes", 0),
                 "train-phase-seconds": train.get("phase-seconds"),
+                "evaluate-download-bytes": evaluation.get("download-bytes", 0),
+                "evaluate-phase-seconds": evaluation.get("phase-seconds"),
+                "central-seconds": round(time.monotonic() - central_started, 3),
             },
         )
         metric = self.settings.best_metric
