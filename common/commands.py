@@ -144,6 +144,6 @@ def _synth(parser: argparse.ArgumentParser) -> None:
 
 app = Command("fedct.common.trust.app_signing", _app)
 certs = Command("fedct.common.trust.certs", _certs)
-inspect = Command("fedct.common.ingest.inspect", _inspect)
+inspect = Command("fedct.common.cache.inspect", _inspect)
 prepare = Command("fedct.common.cache.prepare", _prepare)
 synth = Command("fedct.common.synth.cohort", _synth)
