@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
-from fedct.common.cache.dataset import CacheDataset, ScanItem, make_loader
+from fedct.common.cache.dataset import CacheDataset, ScanItem, make_loader, pooled, pooled_patients
 from fedct.common.cache.store import CacheError
 from fedct.common.metrics.classification import summarize
 from fedct.common.model.classifier import ModelConfig, SliceClassifier, build_model
@@ -66,14 +66,6 @@ class Resized(Dataset[ScanItem]):
             return item
         pixels = F.interpolate(item.pixels, size=(self.size, self.size), mode="area")
         return item._replace(pixels=pixels)
-
-
-def pooled_train(sites: list[Path], size: int) -> tuple[Dataset[ScanItem], list[str]]:
-    """The sites' train splits as one dataset, with patient ids made unique across sites
-    (pseudonyms are salted per site, so equal ones at two sites are different people)."""
-    parts = [CacheDataset(site, ["train"]) for site in sites]
-    patients = [f"{i}/{row['patient_id']}" for i, part in enumerate(parts) for row in part.rows]
-    return Resized(ConcatDataset(parts), size), patients
 
 
 def external_auc(
@@ -197,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             args.sites = args.sites or sites
             args.external = args.external or external
             args.image_size = args.image_size or size
-        train, patients = pooled_train(args.sites, args.image_size)
+        sites = pooled(args.sites, ["train"])
+        train, patients = Resized(sites, args.image_size), pooled_patients(sites)
         external = Resized(CacheDataset(args.external), args.image_size)
         if len(train) == 0 or len(external) == 0:
             raise CacheError("no train scans at the sites, or no scans in the external cache")

@@ -18,35 +18,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import statistics
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fedct.common.cache.store import CacheError
-from fedct.common.run.directory import CheckpointError, RunDirectory
+from bench.harness import (
+    BENCH_ERRORS,
+    RESULTS,
+    RUNS,
+    add_demo_arguments,
+    external_aucs,
+    fmt,
+    machine,
+    prepare_demo,
+    ratio,
+    round_figures,
+    simulate_fresh,
+)
+from fedct.common.run.directory import RunDirectory
 from fedct.server.central_eval import CentralEvaluator
 from fedct.server.global_model import GlobalModel
-from fedct.server.launch.demo import demo_run_config, load_config, resources
-from fedct.server.launch.simulate import (
-    Resources,
-    SimulateError,
-    apply_assignments,
-    resolve_paths,
-    simulate,
-)
 from fedct.server.settings import ServerSettings
 
-RESULTS = Path(__file__).parent / "results"
-RUNS = RESULTS / "runs"
 DTYPES = ("float32", "float16")
 OVERHEAD_TARGET = 1.10
 BYTES_TARGET = 0.5
@@ -59,112 +55,6 @@ ROUND_CONTENT = (
     "checkpoint; the train phase alone (sending weights to the sites, local training, replies, "
     "aggregation) is recorded separately as train-phase-seconds"
 )
-
-
-class BenchError(RuntimeError):
-    """A run of the benchmark did not finish."""
-
-
-# What a bad config, a foreign cache or a failed run raise (DemoError is a ValueError).
-BENCH_ERRORS = (
-    BenchError,
-    SimulateError,
-    CacheError,
-    CheckpointError,
-    ValueError,
-    KeyError,
-    OSError,
-)
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    """The demo's run config (paths absolute, ``--set`` applied) and simulation resources."""
-
-    overrides: dict[str, Any]
-    resources: Resources
-
-
-def prepare_demo(config_path: Path, assignments: list[str]) -> DemoRun:
-    """The demo cohort and caches of ``config_path`` (reused when present) and its run config
-    with ``assignments`` applied on top."""
-    config = load_config(config_path)
-    overrides = resolve_paths(apply_assignments(demo_run_config(config), assignments))
-    return DemoRun(overrides, resources(config))
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
-    """``--config``, ``--set`` and ``--out``, the arguments of every federated benchmark."""
-    parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one run-config key of the config's [run] (repeatable)",
-    )
-    parser.add_argument("--out", type=Path, default=out, help="the JSON file of the figures")
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    return {
-        "platform": f"{platform.machine()} {platform.system()}",
-        "cores": os.cpu_count() or 1,
-        "python": sys.version.split()[0],
-    }
-
-
-def fresh_run_dir(path: Path) -> Path:
-    """``path`` made absolute and emptied of an earlier run of the benchmark."""
-    path = path.resolve()
-    shutil.rmtree(path, ignore_errors=True)
-    return path
-
-
-def simulate_fresh(demo: DemoRun, run_dir: Path, **changes: Any) -> tuple[RunDirectory, float]:
-    """Simulate the demo run with ``changes`` in a fresh ``run_dir``; the run and its wall
-    seconds (Flower start-up included)."""
-    path = fresh_run_dir(run_dir)
-    began = time.perf_counter()
-    code = simulate({**demo.overrides, **changes, "run-dir": str(path)}, resources=demo.resources)
-    seconds = time.perf_counter() - began
-    if code != 0:
-        raise BenchError(f"the simulation in {path} did not finish")
-    return RunDirectory(path), seconds
-
-
-def external_aucs(central: dict[str, Any]) -> dict[str, float | None]:
-    """``<set>-auc_covid`` of a central evaluation, by external set."""
-    return {
-        key.removesuffix("-auc_covid"): value
-        for key, value in sorted(central.items())
-        if key.endswith("-auc_covid")
-    }
-
-
-def round_figures(line: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
-    """Wall time against the slowest participant's training, and bytes per client, of a round."""
-    participants = card.get("train", {}).get("participants", [])
-    slowest = max(participants, key=lambda p: p["metrics"]["train-seconds"], default=None)
-    slowest_seconds = slowest["metrics"]["train-seconds"] if slowest else None
-    n = len(participants)
-    return {
-        "round": line["round"],
-        "participants": n,
-        "failures": line.get("failures", 0),
-        "seconds": line["seconds"],
-        "slowest_site": slowest["site"] if slowest else None,
-        "slowest_train_seconds": slowest_seconds,
-        "ratio": line["seconds"] / slowest_seconds if slowest_seconds else None,
-        "train_phase_seconds": line.get("train-phase-seconds"),
-        "train_phase_ratio": _ratio(line.get("train-phase-seconds"), slowest_seconds),
-        "upload_bytes_per_client": line["upload-bytes"] / n if n else None,
-        # Every node sampled gets the same weights; the count is exact when none failed.
-        "download_bytes_per_client": (
-            line["download-bytes"] / n if n and not line.get("failures") else None
-        ),
-    }
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -199,10 +89,6 @@ def run_figures(run_dir: RunDirectory, wall_seconds: float) -> dict[str, Any]:
     }
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator is not None and denominator else None
-
-
 def _difference(value: float | None, reference: float | None) -> float | None:
     return None if value is None or reference is None else value - reference
 
@@ -215,7 +101,7 @@ def targets(
     beside it."""
     fp32, fp16 = runs["float32"], runs["float16"]
     up32, up16 = fp32["mean_upload_bytes_per_client"], fp16["mean_upload_bytes_per_client"]
-    bytes_ratio = _ratio(up16, up32)
+    bytes_ratio = ratio(up16, up32)
     auc_change = {
         name: _difference(fp16["final_auc"].get(name), auc)
         for name, auc in fp32["final_auc"].items()
@@ -234,7 +120,7 @@ def targets(
         },
         "fp16_bytes": {
             "figure": bytes_ratio,
-            "download_ratio": _ratio(
+            "download_ratio": ratio(
                 fp16["mean_download_bytes_per_client"], fp32["mean_download_bytes_per_client"]
             ),
             # With F bytes of floating-point data and X bytes that keep their size (the two
@@ -279,10 +165,6 @@ def rounding_effect(run_dir: RunDirectory) -> dict[str, Any]:
             for name, auc in aucs["float32"].items()
         },
     }
-
-
-def fmt(value: float | None, spec: str = ".3f") -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def figures_table(runs: dict[str, dict[str, Any]]) -> Table:

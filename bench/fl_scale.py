@@ -43,7 +43,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.fl_overhead import (
+from bench.harness import (
     BENCH_ERRORS,
     RESULTS,
     RUNS,
@@ -350,7 +350,7 @@ def time_table(title: str, sizes: list[dict[str, Any]]) -> Table:
             f"{fmt(m['ratio'], '.1f')}",
             fmt(m["sum_train_seconds"], ".2f"),
             f"{fmt(m['train_phase_seconds'], '.2f')} / {fmt(ideal, '.2f')} = "
-            f"{fmt(_ratio(m['train_phase_seconds'], ideal), '.1f')}",
+            f"{fmt(ratio(m['train_phase_seconds'], ideal), '.1f')}",
         )
     return table
 
@@ -383,7 +383,7 @@ def coordinator_table(title: str, sizes: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 

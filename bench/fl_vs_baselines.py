@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.fl_overhead import (
+from bench.harness import (
     BENCH_ERRORS,
     RESULTS,
     RUNS,

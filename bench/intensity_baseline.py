@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import Dataset
 
-from bench.fl_overhead import BENCH_ERRORS, machine, prepare_demo
-from fedct.common.cache.dataset import CacheDataset
+from bench.harness import BENCH_ERRORS, machine, prepare_demo
+from fedct.common.cache.dataset import CacheDataset, ScanItem, pooled
 from fedct.common.classes import GLOBAL_CLASSES
 
 RESULTS = Path(__file__).parent / "results"
@@ -32,10 +33,11 @@ BINS = 32
 COVID = GLOBAL_CLASSES.index("covid19")
 
 
-def histograms(data: CacheDataset) -> tuple[np.ndarray, np.ndarray]:
+def histograms(data: Dataset[ScanItem]) -> tuple[np.ndarray, np.ndarray]:
     """(one normalised histogram per scan, labels); pixels are the model's input values."""
     features, labels = [], []
-    for item in data:
+    for index in range(len(data)):  # type: ignore[arg-type]
+        item = data[index]
         values = item.pixels[:, 0].numpy()
         counts, _ = np.histogram(values, bins=BINS, range=(-2.2, 2.7))
         features.append(counts / max(1, counts.sum()))
@@ -43,9 +45,8 @@ def histograms(data: CacheDataset) -> tuple[np.ndarray, np.ndarray]:
     return np.array(features), np.array(labels)
 
 
-def pooled(caches: list[Path], splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    parts = [histograms(CacheDataset(cache, splits)) for cache in caches]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+def pooled_histograms(caches: list[Path], splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return histograms(pooled(caches, splits))
 
 
 def main() -> None:
@@ -62,13 +63,13 @@ def main() -> None:
     external = dict(
         entry.split("=", 1) for entry in demo.overrides["external-caches"].split(",") if entry
     )
-    features, labels = pooled(sites, ["train"])
+    features, labels = pooled_histograms(sites, ["train"])
     model = LogisticRegression(C=args.c, max_iter=20000).fit(features, labels)
 
     def auc(x: np.ndarray, y: np.ndarray) -> float:
         return float(roc_auc_score(y == COVID, model.predict_proba(x)[:, COVID]))
 
-    scores = {"sites' test splits": auc(*pooled(sites, ["test"]))}
+    scores = {"sites' test splits": auc(*pooled_histograms(sites, ["test"]))}
     for name, path in external.items():
         scores[name] = auc(*histograms(CacheDataset(Path(path))))
     table = Table(title=f"intensity histogram + logistic regression (C = {args.c:g})")

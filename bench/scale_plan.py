@@ -31,7 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.fl_overhead import RESULTS, fmt
+from bench.harness import RESULTS, fmt
 
 SITES = 100
 # Bytes of one weights message: Lite0 as its checkpoint (README: 13.7 MB pulled from the

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from fedct.common.cache.store import SPLITS, CacheError, content_order, read_manifest, scan_path
 from fedct.common.classes import GLOBAL_CLASSES
@@ -121,3 +121,19 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=pad_collate,
     )
+
+
+def pooled(caches: Sequence[Path], splits: Sequence[str]) -> ConcatDataset[ScanItem]:
+    """The ``splits`` of several caches as one dataset, cache after cache (the data of a
+    centralized baseline, which no federated run may use)."""
+    return ConcatDataset([CacheDataset(cache, list(splits)) for cache in caches])
+
+
+def pooled_patients(data: ConcatDataset[ScanItem]) -> list[str]:
+    """The patient of every scan of a :func:`pooled` dataset, in its order, made unique across
+    caches: pseudonyms are salted per site, so equal ones at two sites are different people."""
+    return [
+        f"{i}/{row['patient_id']}"
+        for i, part in enumerate(data.datasets)
+        for row in part.rows  # type: ignore[attr-defined]
+    ]

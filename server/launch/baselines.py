@@ -31,7 +31,7 @@ import numpy as np
 from rich.table import Table
 from torch.utils.data import ConcatDataset
 
-from fedct.common.cache.dataset import CacheDataset, make_loader
+from fedct.common.cache.dataset import CacheDataset, make_loader, pooled
 from fedct.common.cache.store import CacheError, check_run_settings
 from fedct.common.console import err, flower_lines_hidden, out
 from fedct.common.provenance import software_versions
@@ -48,16 +48,12 @@ from fedct.server.tensorboard_log import TensorBoardLog
 console = err
 
 
-def _pooled(caches: list[Path], split: str) -> ConcatDataset:
-    return ConcatDataset([CacheDataset(cache, [split]) for cache in caches])
-
-
 def _split_metrics(
     model: GlobalModel, caches: list[Path], split: str, settings: ServerSettings
 ) -> dict[str, float]:
     scores, _ = score_split(
         model.model,
-        _pooled(caches, split),
+        pooled(caches, [split]),
         split,
         batch_size=settings.training.batch_size,
         device=settings.device,
