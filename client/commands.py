@@ -11,25 +11,14 @@ from pathlib import Path
 
 from fedct.common.cache.config import PrepareConfig
 from fedct.common.cli import Command
-from fedct.common.ingest import FORMATS
+from fedct.common.commands import add_raw_folder_options
 
 
 def _evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="round_NNN.safetensors or card")
     parser.add_argument("--data", required=True, type=Path, help="prepared cache or raw folder")
     parser.add_argument("--out", required=True, type=Path, help="folder for the three outputs")
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        help="raw folder only: labels.csv (default: none, the labels the folder layout "
-        "gives, e.g. MosMedData's CT-k folders)",
-    )
-    parser.add_argument(
-        "--label-map",
-        type=Path,
-        help="raw folder only: TOML site label map (default: fedct's built-in map)",
-    )
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="raw folder only")
+    add_raw_folder_options(parser, only="raw folder only: ")
     parser.add_argument("--splits", help="cache splits to report, e.g. test (default: all)")
     parser.add_argument(
         "--tune-data",

@@ -89,22 +89,31 @@ def _inspect(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _prepare(parser: argparse.ArgumentParser) -> None:
-    defaults = PrepareConfig()
-    parser.add_argument("--input", required=True, type=Path, help="raw folder of one site")
-    parser.add_argument("--out", required=True, type=Path, help="cache folder to create/extend")
+def add_raw_folder_options(parser: argparse.ArgumentParser, only: str = "") -> None:
+    """``--labels``, ``--label-map`` and ``--format``: how a raw folder is read (``only``
+    starts their help, e.g. "raw folder only: ", where the command also takes a cache)."""
     parser.add_argument(
         "--labels",
         type=Path,
-        help="labels.csv: a label column and series_uid, study_uid, path or patient_id "
-        "(default: none; only the labels the folder layout gives, else every scan unlabelled)",
+        help=f"{only}labels.csv: a label column and series_uid, study_uid, path or patient_id "
+        "(default: none; the labels the folder layout gives, e.g. MosMedData's CT-k folders, "
+        "else every scan unlabelled)",
     )
     parser.add_argument(
         "--label-map",
         type=Path,
-        help="TOML: site label = global class (default: fedct's built-in map)",
+        help=f"{only}TOML: site label = global class (default: fedct's built-in map)",
     )
-    parser.add_argument("--format", choices=FORMATS, default=defaults.format)
+    parser.add_argument(
+        "--format", choices=FORMATS, default=PrepareConfig().format, help=f"{only}the reader"
+    )
+
+
+def _prepare(parser: argparse.ArgumentParser) -> None:
+    defaults = PrepareConfig()
+    parser.add_argument("--input", required=True, type=Path, help="raw folder of one site")
+    parser.add_argument("--out", required=True, type=Path, help="cache folder to create/extend")
+    add_raw_folder_options(parser)
     parser.add_argument("--size", type=int, default=defaults.size, help="slice size in pixels")
     parser.add_argument("--fraction", type=float, default=defaults.fraction)
     parser.add_argument("--normalize", default=defaults.normalize)
