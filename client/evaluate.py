@@ -56,6 +56,7 @@ from common.checkpoint_io import (
 from common.classes import COVID_INDEX, GLOBAL_CLASSES, LabelMapError
 from common.console import out as stdout
 from common.device import DeviceError, pick_device
+from common.inference_engine import ENGINES, scoring_model
 from common.ingest.discover import FORMATS
 from common.labels import LabelsError
 from common.metrics import (
@@ -127,6 +128,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="slices per forward pass, a memory knob (default: the model card's)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="how the scans are scored: auto (default) is eager PyTorch on CUDA and, on the "
+        "CPU, the backbone compiled by OpenVINO, else ONNX Runtime, when installed; eager "
+        "forces plain PyTorch (docs/evaluation.md)",
+    )
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cams", type=int, default=3, help="CAM overlays of correct/wrong scans")
@@ -171,9 +180,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset = CacheDataset(data.cache_dir, splits)
         if len(dataset) == 0:
             raise ValueError(f"{args.data}: no labelled scans in split(s) {args.splits or 'any'}")
-        op, op_source = _operating_point(loaded, tuning, dataset, args, device, notes)
+        scorer, engine = scoring_model(
+            loaded.model, args.engine, device, int(data.settings["size"])
+        )
+        op, op_source = _operating_point(loaded, scorer, tuning, dataset, args, device, notes)
         loader = make_loader(dataset, args.batch_size)
-        result = evaluate(loaded.model, loader, device, progress=True)
+        result = evaluate(scorer, loader, device, progress=True)
         # Patients are resampled in the order of their pixels' digests, not of the salted
         # pseudonyms: a raw folder and its prepared cache give the same intervals.
         keys = patient_content_keys(data.cache_dir, dataset.rows)
@@ -208,6 +220,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "decisions_differ": decisions_differ(result, op),
         "notes": notes,
         "device": str(device),
+        "engine": engine,
         "seconds": round(time.perf_counter() - started, 2),
     }
     report = jsonable(report)
@@ -283,6 +296,7 @@ def _tuning_set(cache: Path) -> tuple[CacheDataset, str]:
 
 def _operating_point(
     loaded: LoadedModel,
+    scorer: SliceClassifier,
     tuning: tuple[CacheDataset, str] | None,
     reported: CacheDataset,
     args: argparse.Namespace,
@@ -308,7 +322,7 @@ def _operating_point(
             f"{args.tune_data}: {len(shared)} scans of the tuning data are also being reported; "
             "choose the operating point on other data (e.g. --splits test with the same cache)"
         )
-    tuned = evaluate(loaded.model, make_loader(dataset, args.batch_size), device, progress=True)
+    tuned = evaluate(scorer, make_loader(dataset, args.batch_size), device, progress=True)
     op = choose_operating_point(
         tuned.labels,
         tuned.probs,
