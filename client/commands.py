@@ -12,6 +12,7 @@ from pathlib import Path
 from fedct.common.cache.config import PrepareConfig
 from fedct.common.cli import Command
 from fedct.common.commands import add_raw_folder_options
+from fedct.common.model import ENGINES
 
 
 def _evaluate(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,14 @@ def _evaluate(parser: argparse.ArgumentParser) -> None:
         help="slices per forward pass, a memory knob (default: the model card's)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="how the scans are scored: auto (default) is eager PyTorch on CUDA and, on the "
+        "CPU, the backbone compiled by OpenVINO, else ONNX Runtime, when installed; eager "
+        "forces plain PyTorch (docs/evaluation.md)",
+    )
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cams", type=int, default=3, help="CAM overlays of correct/wrong scans")

@@ -56,6 +56,7 @@ from fedct.common.metrics.classification import (
 from fedct.common.metrics.operating_point import OperatingPoint, choose_operating_point
 from fedct.common.model.cam import class_activation_maps, overlay
 from fedct.common.model.classifier import SliceClassifier
+from fedct.common.model.inference_engine import scoring_model
 from fedct.common.provenance import software_versions
 from fedct.common.run.directory import CheckpointLoadError, jsonable
 from fedct.common.run.load import (
@@ -126,9 +127,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset = CacheDataset(data.cache_dir, splits)
         if len(dataset) == 0:
             raise ValueError(f"{args.data}: no labelled scans in split(s) {args.splits or 'any'}")
-        op, op_source = _operating_point(loaded, tuning, dataset, args, device, notes)
+        scorer, engine = scoring_model(
+            loaded.model, args.engine, device, int(data.settings["size"])
+        )
+        op, op_source = _operating_point(loaded, scorer, tuning, dataset, args, device, notes)
         loader = make_loader(dataset, args.batch_size)
-        result = evaluate(loaded.model, loader, device, progress=True)
+        result = evaluate(scorer, loader, device, progress=True)
         # Patients are resampled in the order of their pixels' digests, not of the salted
         # pseudonyms: a raw folder and its prepared cache give the same intervals.
         keys = patient_content_keys(data.cache_dir, dataset.rows)
@@ -163,6 +167,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "decisions_differ": decisions_differ(result, op),
         "notes": notes,
         "device": str(device),
+        "engine": engine,
         "seconds": round(time.perf_counter() - started, 2),
     }
     report = jsonable(report)
@@ -239,6 +244,7 @@ def _tuning_set(cache: Path) -> tuple[CacheDataset, str]:
 
 def _operating_point(
     loaded: LoadedModel,
+    scorer: SliceClassifier,
     tuning: tuple[CacheDataset, str] | None,
     reported: CacheDataset,
     args: argparse.Namespace,
@@ -264,7 +270,7 @@ def _operating_point(
             f"{args.tune_data}: {len(shared)} scans of the tuning data are also being reported; "
             "choose the operating point on other data (e.g. --splits test with the same cache)"
         )
-    tuned = evaluate(loaded.model, make_loader(dataset, args.batch_size), device, progress=True)
+    tuned = evaluate(scorer, make_loader(dataset, args.batch_size), device, progress=True)
     op = choose_operating_point(
         tuned.labels,
         tuned.probs,
