@@ -354,6 +354,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="warm-up steps (default: the workload's)")
     parser.add_argument("--steps", type=int, help="timed steps (default: the workload's)")
     parser.add_argument(
+        "--chunks",
+        help="slice_chunk sizes to compare, comma-separated, 0 = off, none for none "
+        "(default: the workload's)",
+    )
+    parser.add_argument(
         "--job-timeout", type=float, default=1800, help="seconds one configuration may take"
     )
     parser.add_argument("--out", type=Path, default=OUT)
@@ -379,7 +384,10 @@ def main() -> None:
             raise ValueError(f"unknown or no models/modes: {', '.join(unknown) or 'none given'}")
         if min(args.repeats or 1, args.threads, args.steps or 1, args.warmup or 1) < 1:
             raise ValueError("--repeats, --threads, --warmup and --steps must be at least 1")
-        sizes = {"warmup": args.warmup, "steps": args.steps}
+        sizes: dict[str, Any] = {"warmup": args.warmup, "steps": args.steps}
+        if args.chunks is not None:
+            listed = args.chunks.strip().lower()
+            sizes["chunks"] = () if listed == "none" else tuple(int(c) for c in listed.split(","))
         catalogue = {
             n: replace(w, **{k: v for k, v in sizes.items() if v is not None})
             for n, w in catalogue.items()
