@@ -306,7 +306,8 @@ def chunk_table(entries: list[dict[str, Any]], workload: str, cuda: bool) -> Tab
         table.add_column(column, justify="right")
     off = next((e for e in entries if e["chunks_per_step"] == 1), {})
     for e in sorted(entries, key=lambda e: -e["chunks_per_step"]):
-        label = f"{e['slice_chunk']}" + (" (off)" if e["chunks_per_step"] == 1 else "")
+        one = e["chunks_per_step"] == 1 and e["slice_chunk"] != "off"
+        label = f"{e['slice_chunk']}" + (" (= off)" if one else "")
         if "error" in e:
             table.add_row(label, str(e["chunks_per_step"]), f"failed: {e['error']}")
             continue
