@@ -371,13 +371,13 @@ def test_load_decodes_only_the_asked_slices(
     write_series(tmp_path / "ser", hu, seed=60, naming="uid")
     [scan], _ = read_all(tmp_path)
     opened: list[str] = []
-    real_dcmread = pydicom.dcmread
+    real_decode = dicom_reader._decode_hu
 
-    def counting_dcmread(path: Path, *args: object, **kw: object) -> pydicom.Dataset:
-        opened.append(Path(path).stem)
-        return real_dcmread(path, *args, **kw)
+    def counting_decode(s: dicom_reader._Slice) -> np.ndarray:
+        opened.append(s.path.stem)
+        return real_decode(s)
 
-    monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)
+    monkeypatch.setattr(dicom_reader, "_decode_hu", counting_decode)
     load = pickle.loads(pickle.dumps(scan.load))  # scans can go to worker processes
     assert np.array_equal(load(2, 4), np.rint(hu[2:4]))
     assert opened == list(scan.instance_uids[2:4])

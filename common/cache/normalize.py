@@ -16,6 +16,10 @@ from PIL import Image
 
 LUNG_WINDOW = (-300.0, 1400.0)  # WL, WW: HU -1000..400
 CLIP_PERCENTILE = 99.5
+# clip_levels: a strided sample of each slice gives a value below its percentile...
+_SAMPLE_STRIDE = 61  # prime, so the sample does not follow image rows or columns
+_SAMPLE_FRACTION = 0.98  # ...this far up the sample: about 4× the values above the 99.5th
+_MIN_FAST = 4096  # smaller slices go to np.percentile directly
 
 
 @dataclass(frozen=True)
@@ -55,17 +59,60 @@ def normalize_slices(slices: np.ndarray, norm: Normalization, intensity: str) ->
     slice images, already windowed by whoever exported them) the values are used as they are.
     """
     flat = slices.reshape(len(slices), -1).astype(np.float32, copy=False)
+    # Each step writes into the array the first one made: the same float32 operations as
+    # without ``out=``, one pass and no allocation less each.
     if norm.method == "ai-corona":
-        high = np.percentile(flat, CLIP_PERCENTILE, axis=1, keepdims=True).astype(np.float32)
         low = flat.min(axis=1, keepdims=True)
+        high = clip_levels(flat, low)
         scale = np.where(high > low, high - low, 1.0).astype(np.float32)
-        out = (np.minimum(flat, high) - low) / scale
+        out = np.minimum(flat, high)
+        np.subtract(out, low, out=out)
+        np.divide(out, scale, out=out)
     elif intensity == "display":
         out = flat / np.float32(255.0)
     else:
         low = norm.level - norm.width / 2
-        out = (flat - np.float32(low)) / np.float32(norm.width)
-    return np.clip(out, 0.0, 1.0).reshape(slices.shape)
+        out = flat - np.float32(low)
+        np.divide(out, np.float32(norm.width), out=out)
+    return np.clip(out, 0.0, 1.0, out=out).reshape(slices.shape)
+
+
+def clip_levels(flat: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """``np.percentile(flat, CLIP_PERCENTILE, axis=1, keepdims=True)`` of float32 rows, bit
+    for bit, from the few values at the top of each row instead of a partition of all of it.
+
+    ``low`` is each row's minimum (NaN where the row has a NaN).  numpy's linear method
+    interpolates the sorted row's values at positions ``k`` and ``k + 1``; both are among the
+    values ≥ ``t`` for any ``t`` with at most ``k`` values below it, so a threshold from a
+    strided sample, checked, leaves a small part of the row to partition.  Rows where the
+    check fails (and NaN rows, short rows) are left to numpy.
+    """
+    n = flat.shape[1]
+    q = CLIP_PERCENTILE / 100
+    index = (n - 1) * q
+    k = int(np.floor(index))
+    if n < _MIN_FAST or k + 1 >= n or bool(np.isnan(low).any()):
+        return np.percentile(flat, CLIP_PERCENTILE, axis=1, keepdims=True).astype(np.float32)
+    gamma = float(index - k)
+    sample = flat[:, ::_SAMPLE_STRIDE]
+    rank = int(sample.shape[1] * _SAMPLE_FRACTION)
+    thresholds = np.partition(sample, rank, axis=1)[:, rank]
+    out = np.empty((len(flat), 1), np.float32)
+    for i, (row, t) in enumerate(zip(flat, thresholds, strict=True)):
+        top = row[row >= t]
+        below = n - len(top)
+        if below > k:
+            out[i] = np.percentile(row, CLIP_PERCENTILE)
+            continue
+        a, b = np.partition(top, (k - below, k + 1 - below))[[k - below, k + 1 - below]]
+        out[i] = _lerp(a, b, gamma)
+    return out
+
+
+def _lerp(a: np.float32, b: np.float32, gamma: float) -> np.float32:
+    """numpy's quantile interpolation between neighbours ``a`` ≤ ``b`` (numpy's ``_lerp``)."""
+    diff = b - a
+    return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
 
 
 def resize_slices(slices: np.ndarray, size: int) -> np.ndarray:
@@ -85,4 +132,8 @@ def to_cache_pixels(
 ) -> np.ndarray:
     """HU or display slices → uint8 (k, size, size), the form stored in the cache."""
     unit = resize_slices(normalize_slices(slices, norm, intensity), size)
-    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    # ``unit`` is this function's own array (resize_slices returns its input when no resize
+    # is needed), so it is worked on in place.
+    np.clip(unit, 0.0, 1.0, out=unit)
+    np.multiply(unit, 255.0, out=unit)
+    return np.rint(unit, out=unit).astype(np.uint8)

@@ -151,7 +151,10 @@ def prepare(
     split_keys: dict[str, str] = {}
     reused = 0
     collected = QACollector()
-    for item in read_input(Path(input_dir), cfg.format, progress=progress, labels=labels):
+    items = read_input(
+        Path(input_dir), cfg.format, progress=progress, labels=labels, workers=cfg.workers
+    )
+    for item in items:
         if isinstance(item, Ignored):
             collected.ignored.append(item)
             continue

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -25,7 +27,13 @@ import pydicom
 from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 from rich.console import Console
 from rich.progress import track
 
@@ -43,6 +51,22 @@ _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _MIN_ENCAPSULATED = 16
 _SAME_POSITION_MM = 1e-3
+_HEADER_CHUNK = 64  # files a header-reading process takes at a time
+_NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+_MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+
+@dataclass(frozen=True)
+class _NativePixels:
+    """Where an uncompressed 16-bit little-endian image lies in its file and how its values
+    become HU, read from the header: what decoding it needs, without parsing the file again."""
+
+    offset: int
+    signed: bool
+    unused_bits: int  # BitsAllocated - BitsStored, cleared as pydicom does
+    slope: float
+    intercept: float
+    padding: tuple[int, int] | None  # PixelPaddingValue .. PixelPaddingRangeLimit
 
 
 @dataclass(frozen=True)
@@ -87,36 +111,57 @@ class _Slice:
     kernel: str
     manufacturer: str
     has_rescale: bool
+    native: _NativePixels | None  # None: decoded by pydicom
 
 
 def read_dicom(
-    root: Path, *, rule: SeriesRule = SeriesRule(), progress: bool = False
+    root: Path, *, rule: SeriesRule = SeriesRule(), progress: bool = False, workers: int = 1
 ) -> Iterator[Scan | Rejection | Ignored]:
     """Walk ``root`` recursively and yield one scan per study (or per series, see ``rule``).
 
     Rejections come first (files that are not usable images) with the DICOMDIR indexes
     (ignored), then per study the chosen scan(s) and the rejected series.  Reading is lazy
     only for pixels: all headers are read before the first item is yielded, because series
-    span many files.
+    span many files.  ``workers`` > 1 parses the headers in that many processes.
     """
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
     paths = sorted(p for p in root.rglob("*") if p.is_file())
-    # Threads overlap file I/O (network shares, cold disks); the parsing itself holds the GIL.
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results: Iterable[_Slice | Rejection | Ignored] = pool.map(
-            lambda p: _read_header(p, p.relative_to(root).as_posix()), paths
+    results: Iterable[_Slice | Rejection | Ignored] = _read_headers(root, paths, workers)
+    if progress:
+        results = track(
+            results,
+            total=len(paths),
+            description="Reading DICOM headers",
+            console=Console(stderr=True),
         )
-        if progress:
-            results = track(
-                results,
-                total=len(paths),
-                description="Reading DICOM headers",
-                console=Console(stderr=True),
-            )
-        headers = list(results)
+    headers = list(results)
     yield from (r for r in headers if not isinstance(r, _Slice))
     yield from _assemble(root, [s for s in headers if isinstance(s, _Slice)], rule)
+
+
+def _read_headers(
+    root: Path, paths: list[Path], workers: int
+) -> Iterator[_Slice | Rejection | Ignored]:
+    """The header of every path, in order; parsing is CPU-bound, so several processes (forked,
+    leaving Ctrl-C to the parent) share it when ``workers`` > 1 and there is enough to share."""
+    chunks = [(root, paths[i : i + _HEADER_CHUNK]) for i in range(0, len(paths), _HEADER_CHUNK)]
+    if workers <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield from _header_chunk(chunk)
+        return
+    context = multiprocessing.get_context("fork")
+    ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
+    with context.Pool(min(workers, len(chunks)), signal.signal, ignore_sigint) as pool:
+        for headers in pool.imap(_header_chunk, chunks):
+            yield from headers
+
+
+def _header_chunk(job: tuple[Path, list[Path]]) -> list[_Slice | Rejection | Ignored]:
+    root, paths = job
+    # Threads overlap file I/O (network shares, cold disks); the parsing itself holds the GIL.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda p: _read_header(p, p.relative_to(root).as_posix()), paths))
 
 
 class _Probe:
@@ -128,6 +173,7 @@ class _Probe:
         self.value_end = 0
         self.pixel_tag: int | None = None
         self.pixel_length = 0
+        self.pixel_offset = 0
 
     def __call__(self, tag: int, vr: str | None, length: int) -> bool:
         value_start = self._f.tell()
@@ -137,6 +183,7 @@ class _Probe:
             self.value_end = max(self.value_end, value_start + reach)
         if tag in _PIXEL_TAGS:
             self.pixel_tag, self.pixel_length = int(tag), length
+            self.pixel_offset = value_start
             return True
         return False
 
@@ -211,7 +258,47 @@ def _parse(
         kernel=" ".join(str(v) for v in _values(ds.get("ConvolutionKernel"))),
         manufacturer=str(ds.get("Manufacturer", "")),
         has_rescale="RescaleSlope" in ds and "RescaleIntercept" in ds,
+        native=_native_pixels(ds, transfer_syntax, has_marker, probe, size),
     )
+
+
+def _native_pixels(
+    ds: pydicom.Dataset, transfer_syntax: str, has_marker: bool, probe: _Probe, size: int
+) -> _NativePixels | None:
+    """The layout of the image when reading its bytes gives exactly what pydicom's decoding
+    would: a DICOM file (with preamble) in little-endian native encoding whose last element is
+    the Pixel Data of one 16-bit grey frame.  None for anything else, which pydicom decodes."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits_stored = int(ds.BitsStored)
+        simple = (
+            has_marker
+            and transfer_syntax in _NATIVE_SYNTAXES
+            and probe.pixel_length == rows * cols * 2
+            and probe.pixel_offset + probe.pixel_length == size
+            and int(ds.SamplesPerPixel) == 1
+            and int(ds.BitsAllocated) == 16
+            and 1 <= bits_stored <= 16
+            and int(ds.PixelRepresentation) in (0, 1)
+            and str(ds.PhotometricInterpretation) in _MONOCHROME
+            and int(ds.get("NumberOfFrames") or 1) == 1
+        )
+        if not simple:
+            return None
+        padding = ds.get("PixelPaddingValue")
+        limit = ds.get("PixelPaddingRangeLimit", padding)
+        return _NativePixels(
+            offset=probe.pixel_offset,
+            signed=int(ds.PixelRepresentation) == 1,
+            unused_bits=16 - bits_stored,
+            slope=float(ds.get("RescaleSlope", 1.0)),
+            intercept=float(ds.get("RescaleIntercept", 0.0)),
+            padding=None
+            if padding is None
+            else (int(min(padding, limit)), int(max(padding, limit))),
+        )
+    except Exception:  # a missing or malformed value: pydicom decides when decoding
+        return None
 
 
 def _short_pixel_data(ds: pydicom.Dataset, length: int) -> str:
@@ -466,6 +553,39 @@ class _Loader:
 
 def _decode_hu(s: _Slice) -> np.ndarray:
     """Decode one slice to float32 HU, padding pixels set to air."""
+    if s.native is not None:
+        stored = _read_native(s, s.native)
+        slope, intercept, padding = s.native.slope, s.native.intercept, s.native.padding
+    else:
+        stored, slope, intercept, padding = _decode_pydicom(s)
+    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if padding is not None:
+        low, high = padding
+        hu[(stored >= low) & (stored <= high)] = AIR_HU
+    return hu
+
+
+def _read_native(s: _Slice, native: _NativePixels) -> np.ndarray:
+    """The stored values of an image of :func:`_native_pixels`, as pydicom returns them."""
+    length = s.rows * s.cols * 2
+    try:
+        with s.path.open("rb") as f:
+            f.seek(native.offset)
+            data = f.read(length)
+    except OSError as exc:
+        raise ScanLoadError(
+            s.rel, "corrupt", f"cannot read the file: {exc.strerror or exc}"
+        ) from exc
+    if len(data) != length:
+        raise ScanLoadError(s.rel, "corrupt", f"the file ends {length - len(data)} bytes early")
+    stored = np.frombuffer(data, "<i2" if native.signed else "<u2").reshape(s.rows, s.cols)
+    if native.unused_bits:  # pydicom's correct_unused_bits: the bits above BitsStored ignored
+        stored = np.right_shift(np.left_shift(stored, native.unused_bits), native.unused_bits)
+    return stored
+
+
+def _decode_pydicom(s: _Slice) -> tuple[np.ndarray, float, float, tuple[int, int] | None]:
+    """Stored values, rescale slope and intercept, and padding range of any other image."""
     try:
         ds = pydicom.dcmread(s.path)
         stored = ds.pixel_array
@@ -475,13 +595,11 @@ def _decode_hu(s: _Slice) -> np.ndarray:
         raise ScanLoadError(s.rel, "corrupt", f"decoded shape {stored.shape}")
     slope = float(ds.get("RescaleSlope", 1.0))
     intercept = float(ds.get("RescaleIntercept", 0.0))
-    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     padding = ds.get("PixelPaddingValue")
-    if padding is not None:
-        limit = ds.get("PixelPaddingRangeLimit", padding)
-        low, high = min(padding, limit), max(padding, limit)
-        hu[(stored >= low) & (stored <= high)] = AIR_HU
-    return hu
+    if padding is None:
+        return stored, slope, intercept, None
+    limit = ds.get("PixelPaddingRangeLimit", padding)
+    return stored, slope, intercept, (min(padding, limit), max(padding, limit))
 
 
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:

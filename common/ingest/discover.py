@@ -51,10 +51,16 @@ def _labels_files(root: Path, labels: Path | None) -> set[str]:
 
 
 def read_input(
-    root: Path, fmt: str = "auto", *, progress: bool = False, labels: Path | None = None
+    root: Path,
+    fmt: str = "auto",
+    *,
+    progress: bool = False,
+    labels: Path | None = None,
+    workers: int = 1,
 ) -> Iterator[ReaderItem]:
     """Scans, rejections and ignored files of ``root`` read in format ``fmt`` (``auto``
-    detects it); ``labels`` is the labels file, when one is given."""
+    detects it); ``labels`` is the labels file, when one is given; ``workers`` processes
+    may share the reading of DICOM headers."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder does not exist")
@@ -63,15 +69,15 @@ def read_input(
     if fmt == "auto":
         fmt = detect_format(root)
     labels_files = _labels_files(root, labels)
-    return _accounted(root, fmt, _reader(root, fmt, progress), labels_files)
+    return _accounted(root, fmt, _reader(root, fmt, progress, workers), labels_files)
 
 
-def _reader(root: Path, fmt: str, progress: bool) -> Iterator[ReaderItem]:
+def _reader(root: Path, fmt: str, progress: bool, workers: int) -> Iterator[ReaderItem]:
     if fmt == "nifti":
         return read_nifti(root)
     if fmt == "png":
         return read_slice_images(root)
-    return read_dicom(root, progress=progress)
+    return read_dicom(root, progress=progress, workers=workers)
 
 
 def _accounted(

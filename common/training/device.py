@@ -37,6 +37,10 @@ def pick_device(preference: str | torch.device = "auto") -> torch.device:
     return device
 
 
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast precision on ``device``: bf16 (fp16 on GPUs without it) on CUDA, none on CPU."""
     if device.type != "cuda":
@@ -44,10 +48,22 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast precision ``amp`` asks for on ``device``: ``auto`` is
+    :func:`autocast_dtype`, ``off`` full precision, ``bf16``/``fp16`` that dtype on any device
+    (CPU autocast included)."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "auto":
+        return autocast_dtype(device)
+    return _AMP_DTYPES.get(amp)
+
+
 @contextlib.contextmanager
-def autocast_context(device: torch.device) -> Iterator[None]:
-    """Mixed-precision autocast on CUDA; a no-op on the CPU, where full precision is kept."""
-    dtype = autocast_dtype(device)
+def autocast_context(device: torch.device, amp: str = "auto") -> Iterator[None]:
+    """Mixed-precision autocast as ``amp`` asks (:func:`amp_dtype`); by default on CUDA only,
+    a no-op on the CPU, where full precision is kept."""
+    dtype = amp_dtype(device, amp)
     if dtype is None:
         yield
         return

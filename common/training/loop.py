@@ -29,7 +29,7 @@ from fedct.common.console import err
 from fedct.common.metrics.bootstrap import auc_interval
 from fedct.common.metrics.classification import summarize
 from fedct.common.model.classifier import SliceClassifier
-from fedct.common.training.device import autocast_context, autocast_dtype, pick_device
+from fedct.common.training.device import AMP_MODES, amp_dtype, autocast_context, pick_device
 
 _LOG = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -61,6 +61,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     device: str = "auto"
     seed: int = 0
+    amp: str = "auto"  # auto (bf16 on CUDA, none on the CPU), off, bf16, fp16: see device.py
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
@@ -73,6 +74,8 @@ class TrainConfig:
             raise ValueError("local_epochs and batch_size must be at least 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.proximal_mu < 0:
             raise ValueError("lr must be positive; weight_decay and proximal_mu not negative")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
 
@@ -214,14 +217,14 @@ def train_local(
     weights = _loss_weights(cfg, class_counts, model.cfg.num_classes)
     weights = None if weights is None else weights.to(device)
     anchor = proximal_anchor(model, global_state, device) if cfg.proximal_mu > 0 else None
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16)
 
     loss_sum, correct, seen = 0.0, 0, 0
     for epoch in range(cfg.local_epochs):
         description = f"train epoch {epoch + 1}/{cfg.local_epochs}"
         for batch in _batches(loader, description, progress):
             x, mask, y = _on_device(batch, device)
-            with autocast_context(device):
+            with autocast_context(device, cfg.amp):
                 logits = model(x, mask)
             loss = F.cross_entropy(logits.float(), y, weight=weights)
             objective = loss
@@ -257,8 +260,10 @@ def evaluate(
     device: str | torch.device = "auto",
     *,
     progress: bool = False,
+    amp: str = "auto",
 ) -> EvalResult:
-    """Predict every scan of ``loader`` without gradients (mixed precision on CUDA)."""
+    """Predict every scan of ``loader`` without gradients (mixed precision as ``amp`` asks,
+    by default on CUDA only)."""
     start = time.perf_counter()
     target = pick_device(device)
     model.to(target)
@@ -271,7 +276,7 @@ def evaluate(
     with torch.inference_mode():
         for batch in _batches(loader, "evaluate", progress):
             x, mask, y = _on_device(batch, target)
-            with autocast_context(target):
+            with autocast_context(target, amp):
                 logits = model(x, mask)
             logits = logits.double()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
