@@ -25,10 +25,14 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/preprocess.py --profile
+	$(BIN)/python -m bench.inference
+	$(BIN)/python -m bench.train_throughput
 	$(BIN)/python -m bench.fl_vs_baselines --strategies fedavg,fedbn
 	$(BIN)/python -m bench.fl_overhead
 	$(BIN)/python -m bench.dp_utility
+	$(BIN)/python -m bench.fl_scale
+	$(BIN)/python -m bench.cli_help
 
 clean:
 	rm -rf demo runs bench/results .pytest_cache .ruff_cache .hypothesis

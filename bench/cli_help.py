@@ -2,15 +2,17 @@
 beside the import of the module that runs that command (what building its options cost when
 the options lived in that module).
 
-Each figure is the median wall time of ``--repeats`` fresh interpreters, the two sides of a
-command measured alternately.  Prints a table and one summary line; writes
-bench/results/cli_help.json.  Run: ``python -m bench.cli_help``.
+Each figure is the median of ``--repeats`` fresh interpreters, the two sides of a command
+measured alternately: wall seconds (what a user waits) and CPU seconds of the process (user +
+system, which other jobs on a shared machine do not inflate).  Prints a table and one summary
+line; writes bench/results/cli_help.json.  Run: ``python -m bench.cli_help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -23,10 +25,18 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cli_help.json"
 TARGET_SECONDS = 1.0
 
 
-def _seconds(command: list[str]) -> float:
+def _seconds(command: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of running ``command``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, capture_output=True, check=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _medians(times: list[tuple[float, float]]) -> tuple[float, float]:
+    return tuple(round(statistics.median(t[i] for t in times), 3) for i in (0, 1))  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +52,23 @@ def main(argv: list[str] | None = None) -> int:
             help_times.append(_seconds([fedct, *([name] if name else []), "--help"]))
             if name:
                 import_times.append(_seconds([sys.executable, "-c", f"import {commands[name]}"]))
+        help_wall, help_cpu = _medians(help_times)
+        import_wall, import_cpu = _medians(import_times) if name else (None, None)
         row = {
             "command": f"fedct {name} --help".replace("  ", " "),
-            "help_seconds": round(statistics.median(help_times), 3),
+            "help_seconds": help_wall,
+            "help_cpu_seconds": help_cpu,
             "running_module": commands.get(name),
-            "import_seconds": round(statistics.median(import_times), 3) if name else None,
+            "import_seconds": import_wall,
+            "import_cpu_seconds": import_cpu,
         }
         rows.append(row)
-        imported = f"{row['import_seconds']:6.2f} s" if name else "      -"
-        print(f"{row['command']:<28} {row['help_seconds']:5.2f} s   import {imported}")
+        imported = f"{import_wall:6.2f} s ({import_cpu:5.2f} CPU s)" if name else "-"
+        print(
+            f"{row['command']:<28} {help_wall:5.2f} s ({help_cpu:4.2f} CPU s)   import {imported}"
+        )
     slowest = max(rows, key=lambda row: row["help_seconds"])
+    slowest_cpu = max(rows, key=lambda row: row["help_cpu_seconds"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -62,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     met = "met" if slowest["help_seconds"] < TARGET_SECONDS else "NOT met"
     print(
         f"slowest: {slowest['command']} in {slowest['help_seconds']:.2f} s (target < "
-        f"{TARGET_SECONDS:.0f} s: {met}); written to {RESULTS}"
+        f"{TARGET_SECONDS:.0f} s: {met}); most CPU: {slowest_cpu['command']}, "
+        f"{slowest_cpu['help_cpu_seconds']:.2f} CPU s; written to {RESULTS}"
     )
     return 0
 
