@@ -269,12 +269,18 @@ def hospitals(
 
 @pytest.fixture(scope="module")
 def apps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """fedct's app as ``flwr run`` bundles this checkout, and the same app with the ClientApp
-    above in place of client/app.py."""
+    """fedct's app as ``flwr run`` bundles this checkout, and the same app whose clientapp
+    component is the ClientApp above, shipped in the bundle.  (fedct's own components are
+    imported from the fedct installed at the site; a bundle's author names any module.)"""
     fedct_app = unpack_app(app_signing.bundle_of(ROOT).content, tmp_path_factory.mktemp("real"))
     evil = tmp_path_factory.mktemp("evil") / "fedct"
     shutil.copytree(fedct_app, evil)
-    (evil / "client" / "app.py").write_text(EVIL_CLIENTAPP)
+    (evil / "evil_clientapp.py").write_text(EVIL_CLIENTAPP)
+    pyproject = evil / "pyproject.toml"
+    text = pyproject.read_text()
+    component = 'clientapp = "fedct.client.app:app"'
+    assert component in text
+    pyproject.write_text(text.replace(component, 'clientapp = "evil_clientapp:app"'))
     return {"fedct": fedct_app, "evil": evil}
 
 
