@@ -89,6 +89,7 @@ class ProcessSampler:
         self.interval = interval
         self.watched: dict[int, Watched] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # sample() runs on the thread and on demand
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> ProcessSampler:
@@ -110,6 +111,10 @@ class ProcessSampler:
             self._stop.wait(self.interval)
 
     def sample(self) -> None:
+        with self._lock:
+            self._sample()
+
+    def _sample(self) -> None:
         now = time.time()
         for pid, role in self.members().items():
             figures = _read(pid)
