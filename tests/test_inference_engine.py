@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from page_parts import Page
 from test_evaluate import TINY, cache, evaluate_cli, make_run  # noqa: F401 (cache: a fixture)
 
 import fedct.common.model.inference_engine as engine
@@ -116,6 +117,11 @@ def test_evaluate_default_engine_agrees_with_the_eager_fallback(
         assert evaluate_cli(*args, "--tune-data", cache, "--splits", "test", *extra) == 0
     engines = [json.loads((tmp_path / n / "metrics.json").read_text())["engine"] for n in names]
     assert engines == [INSTALLED[0] if INSTALLED else "eager", "eager"]
+    for name, used in zip(names, engines, strict=True):
+        overview = dict(
+            row for row in Page((tmp_path / name / "report.html").read_text()).tables[0]
+        )
+        assert overview["scored by"] == f"{used} on cpu"
     default, eager = read_probs(tmp_path / "default"), read_probs(tmp_path / "eager")
     assert default.keys() == eager.keys() and len(default) == 12
     for scan_id, probs in eager.items():

@@ -56,6 +56,7 @@ def render_report(report: dict[str, Any], cams: dict[str, list[str]]) -> str:
         ["weights sha256", model["sha256"]],
         ["trained with", _software(model.get("software")) or "not recorded in the card"],
         ["evaluated with", _software(report.get("software"))],
+        ["scored by", f"{report['engine']} on {report['device']}"],
         ["data", f"{data['name']} ({data['kind']}, splits: {_splits_text(data)})"],
         ["scans / patients", f"{report['n_scans']} / {report['n_patients']}"],
         ["operating point", _op_text(op, report["operating_point_source"])],
