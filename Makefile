@@ -25,7 +25,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/preprocess.py --profile
+	$(BIN)/python -m bench.preprocess --profile
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.train_throughput
 	$(BIN)/python -m bench.fl_vs_baselines --strategies fedavg,fedbn

@@ -4,7 +4,7 @@ Both run ``prepare`` in this process with one worker, so that every phase is see
 workers the conversions overlap in worker processes).  The phases are the functions that do
 each step, timed exclusively — a phase called inside another (the QA report decodes and
 normalises its thumbnails) counts only for itself — so the phases and "other" sum to the
-wall time.  Used by ``python bench/preprocess.py --profile``.
+wall time.  Used by ``python -m bench.preprocess --profile``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ scans/s for each (medians) and the ratio of the medians, and writes the figures 
 ``--profile`` adds where ``fedct prepare``'s time goes on the same cohort: wall time by phase
 and cProfile's top functions, of a one-worker run (bench/prepare_profile.py).
 
-    python bench/preprocess.py [--series 20] [--slices 64] [--size 512] [--workers 2]
+    python -m bench.preprocess [--series 20] [--slices 64] [--size 512] [--workers 2]
         [--repeats 3] [--profile]
 """
 
