@@ -44,12 +44,13 @@ class SiteDataError(ValueError):
 
 def model_for(site: Site, config: ConfigRecord, arrays: ArrayRecord) -> SliceClassifier:
     """The global model as this site uses it: built from the coordinator's model config and
-    seed, loaded with ``arrays``, and under FedBN with the site's own BatchNorm entries."""
+    seed (with the site's own ``slice-chunk`` if it set one), loaded with ``arrays``, and under
+    FedBN with the site's own BatchNorm entries."""
     cfg = ModelConfig(**json.loads(str(config["model-config"])))
     # The full state arrives from the coordinator; only a frozen backbone (not sent) must be
     # built from pretrained weights, which each site holds itself.
     weights = (site.pretrained_weights or cfg.pretrained_weights) if cfg.freeze_backbone else None
-    cfg = replace(cfg, pretrained_weights=weights)
+    cfg = replace(cfg, pretrained_weights=weights, slice_chunk=site.slice_chunk or cfg.slice_chunk)
     torch.manual_seed(int(config["seed"]))
     model = build_model(cfg)
     layout = Layout.of(travelling_state(model, cfg))

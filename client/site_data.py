@@ -2,9 +2,9 @@
 
 On the deployment engine each SuperNode is started with
 ``--node-config 'data-path="/srv/fedct/cache" site="hospital-a"'`` (optionally ``device``,
-``pretrained-weights``, ``state-dir`` and ``dp-epsilon-budget``).  In simulation the node
-config holds only ``partition-id``; it picks an entry of the run config's comma-separated
-``site-caches``.
+``pretrained-weights``, ``state-dir``, ``dp-epsilon-budget`` and ``slice-chunk``).  In
+simulation the node config holds only ``partition-id``; it picks an entry of the run config's
+comma-separated ``site-caches``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Site:
     state_dir: Path
     pretrained_weights: str | None  # None, "imagenet" or an absolute path (common/model/weights.py)
     epsilon_budget: float | None = None  # the site's ε limit over all DP runs (docs/privacy.md)
+    slice_chunk: int | None = None  # slices per backbone pass here, for this site's memory
 
 
 def _optional_path(text: object) -> Path | None:
@@ -72,6 +73,19 @@ def _epsilon_budget(node_config: UserConfig) -> float | None:
     return budget
 
 
+def _slice_chunk(node_config: UserConfig) -> int | None:
+    value = node_config.get("slice-chunk")
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        chunk = int(str(value))
+    except ValueError:
+        chunk = 0
+    if chunk < 1:
+        raise SiteConfigError(f"slice-chunk must be a whole number of at least 1, got {value!r}")
+    return chunk
+
+
 def declared_name(node_config: UserConfig, run_config: UserConfig) -> str:
     """The site's name as :func:`resolve_site` gives it, without checking its cache (for
     naming a site whose cache is broken)."""
@@ -97,4 +111,5 @@ def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
         state_dir=_optional_path(node_config.get("state-dir")) or cache / "fedct-state",
         pretrained_weights=weights_spec(str(node_config.get("pretrained-weights") or "")),
         epsilon_budget=_epsilon_budget(node_config),
+        slice_chunk=_slice_chunk(node_config),
     )

@@ -343,6 +343,7 @@ def test_a_coordinator_that_loses_its_superlink_stops_and_releases_its_lock(
         ("cross-site", "yes", "cross-site = 'yes' must be true or false"),
         ("strategy", 3, "strategy = 3 must be a string"),
         ("straggler-factor", 0.5, "straggler-factor must be 0 (off) or at least 1"),
+        ("slice-chunk", 0, "slice-chunk must be at least 1"),
     ],
 )
 def test_a_run_config_value_of_the_wrong_type_names_the_key(

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import fedct.client.app as hospital
 from fedct.client.fedbn import local_bn_path
-from fedct.client.local import evaluate_site, train_site
+from fedct.client.local import evaluate_site, model_for, train_site
 from fedct.client.site_data import SiteConfigError, resolve_site
 from fedct.common.federation.transport import FLOATING, LAYOUT_KEY, Layout
 from fedct.common.model.classifier import ModelConfig, bn_state_keys, build_model, travelling_state
@@ -213,6 +213,35 @@ def test_cosine_lr_schedule_decays_over_the_rounds(run_config: dict[str, Any]) -
     assert cosine.train_config("k1", 3)["lr"] == pytest.approx(0.005)
     with pytest.raises(SettingsError, match="lr-schedule"):
         ServerSettings.from_run_config({**run_config, "lr-schedule": "step"})
+
+
+def test_slice_chunk_travels_in_the_model_config(run_config: dict[str, Any]) -> None:
+    """A coordinator sets the slices per backbone pass for every site (a memory/speed knob)."""
+
+    def sent(config: dict[str, Any]) -> ModelConfig:
+        model_config = ServerSettings.from_run_config(config).train_config("k1", 1)
+        return ModelConfig(**json.loads(str(model_config["model-config"])))
+
+    assert sent(run_config).slice_chunk == 16
+    assert sent({**run_config, "slice-chunk": 64}).slice_chunk == 64
+
+
+def test_a_site_sets_its_own_slice_chunk_without_changing_its_scores(
+    site_caches: dict[str, Path], run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    node = {"data-path": str(site_caches["site_a"]), "state-dir": str(tmp_path)}
+    plain, small = (resolve_site(n, run_config) for n in (node, {**node, "slice-chunk": "1"}))
+    assert (plain.slice_chunk, small.slice_chunk) == (None, 1)
+    arrays = LAYOUT.pack(_global_state(), "float32")
+    config = _config(run_config, train=False, **{"slice-chunk": 64})
+    assert model_for(plain, config, arrays).cfg.slice_chunk == 64
+    assert model_for(small, config, arrays).cfg.slice_chunk == 1
+    scored = [evaluate_site(site, arrays, config) for site in (plain, small)]
+    assert scored[0].keys() == scored[1].keys()
+    for key, value in scored[0].items():
+        assert scored[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
+    with pytest.raises(SiteConfigError, match="slice-chunk must be a whole number"):
+        resolve_site({**node, "slice-chunk": "0"}, run_config)
 
 
 def test_a_reply_that_does_not_unpack_counts_as_a_failure(
