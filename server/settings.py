@@ -148,7 +148,8 @@ class ServerSettings:
 
         check_types(run_config, app_defaults())
         try:
-            if int(get("slice-chunk")) < 1:
+            slice_chunk = int(get("slice-chunk"))
+            if slice_chunk < 1:
                 raise ValueError("slice-chunk must be at least 1 (slices per backbone pass)")
             model = ModelConfig(
                 backbone=str(get("backbone")),
@@ -157,7 +158,7 @@ class ServerSettings:
                 freeze_backbone=bool(get("freeze-backbone")),
                 freeze_bn=bool(get("freeze-bn")),
                 dropout=float(get("dropout")),
-                slice_chunk=int(get("slice-chunk")),
+                slice_chunk=slice_chunk,
                 pretrained_weights=weights_spec(str(get("pretrained-weights"))),
             )
             check_weights_available(model.backbone, model.pretrained_weights)
