@@ -37,7 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.fl_overhead import AUC_TARGET, RESULTS, fmt, machine
+from bench.fl_overhead import AUC_TARGET
+from bench.harness import RESULTS, fmt, machine
 from fedct.common.cache.dataset import Batch, CacheDataset, make_loader
 from fedct.common.cache.store import CacheError
 from fedct.common.metrics.classification import summarize

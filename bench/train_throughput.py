@@ -44,7 +44,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.fl_overhead import RESULTS, fmt, machine
+from bench.harness import RESULTS, fmt, machine, ratio
 
 OUT = RESULTS / "train_throughput.json"
 MODES = ("eager", "channels_last", "compile")
@@ -259,10 +259,6 @@ def summarise(job: Job, repeats: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ok[0]:
         entry[key] = statistics.median(r[key] for r in ok)
     return entry
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def mode_table(entries: list[dict[str, Any]], workload: str, cuda: bool) -> Table:
