@@ -30,8 +30,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedct.common.federation.messages import COVID_KEY, OTHER_KEY
 from fedct.common.federation.transport import (
-    LAYOUT_KEY,
     Layout,
     TransportError,
     conform,
@@ -40,7 +40,7 @@ from fedct.common.federation.transport import (
     to_record,
 )
 from fedct.common.metrics.operating_point import OperatingPoint
-from fedct.common.metrics.pooled_operating_point import COVID_KEY, OTHER_KEY, choose_from_histograms
+from fedct.common.metrics.pooled_operating_point import choose_from_histograms
 from fedct.common.run.directory import RunDirectory, round_record
 from fedct.server.central_eval import CentralEvaluator
 from fedct.server.global_model import GlobalModel
@@ -122,8 +122,9 @@ class Federation:
         return arrays
 
     def exchange(self, messages: Iterable[Message]) -> tuple[Collected, int, int]:
-        """Send ``messages`` with their arrays packed in the transport dtype and the layout's
-        fingerprint in their config (common/federation/transport.py), and collect the replies up
+        """Send ``messages`` with their arrays packed in the transport dtype
+        (common/federation/transport.py; the layout's fingerprint is in their config), and
+        collect the replies up
         to the straggler deadline (server/replies.py).
 
         Returns the replies collected, the number of messages sent and the bytes of arrays
@@ -140,7 +141,6 @@ class Federation:
                 packed[id(record)] = self.layout.pack(record, self.settings.transport_dtype)
         for message, record in zip(messages, records, strict=True):
             message.content[key] = packed[id(record)]
-            message.content[self.strategy.configrecord_key][LAYOUT_KEY] = self.layout.fingerprint
         sent_bytes = sum(payload_bytes(packed[id(record)]) for record in records)
         collected = collect(
             self.grid,
@@ -162,7 +162,9 @@ class Federation:
 
     def _train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         phase_started = time.monotonic()
-        config = self.settings.train_config(self.run_key, server_round)
+        config = self.settings.train_instruction(
+            self.run_key, server_round, self.layout.fingerprint
+        )
         messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
         collected, sent, down_bytes = self.exchange(messages)
         ok, failed = split_replies(collected.replies)
@@ -226,7 +228,9 @@ class Federation:
     ) -> tuple[dict[str, Any], OperatingPoint | None]:
         """Federated evaluation, and the operating point chosen on the replies' histograms."""
         phase_started = time.monotonic()
-        config = self.settings.evaluate_config(self.run_key)
+        config = self.settings.evaluate_instruction(
+            self.run_key, server_round, self.layout.fingerprint
+        )
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
         collected, _, down_bytes = self.exchange(messages)
         ok, failed = split_replies(collected.replies)

@@ -19,8 +19,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from fedct.common.federation.messages import WEIGHT_KEY
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbn")
-WEIGHT_KEY = "num-examples"
 SITE_ONLY_SUFFIXES = ("_low", "_high")
 COUNT_SUFFIX = "-n"
 

@@ -72,6 +72,7 @@ from flwr.clientapp import ClientApp
 
 from fedct.client.local import evaluate_site, train_site
 from fedct.client.site_data import resolve_site
+from fedct.common.federation.messages import EvaluateInstruction, TrainInstruction
 from fedct.common.cache.store import read_manifest, scan_path
 
 Path(os.environ["FLWR_HOME"], "{MARKER}").write_text("imported")
@@ -82,7 +83,7 @@ app = ClientApp()
 @app.train()
 def train(message: Message, context: Context) -> Message:
     site = resolve_site(context.node_config, context.run_config)
-    arrays, metrics = train_site(site, message.content["arrays"], message.content["config"])
+    arrays, metrics = train_site(site, *TrainInstruction.from_message(message))
     scan = read_manifest(site.cache_dir)[0]["scan_id"]
     for i, value in enumerate(np.load(scan_path(site.cache_dir, scan))[0, 0, :16]):
         metrics[f"pixel-{{i}}"] = float(value)
@@ -95,7 +96,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     site = resolve_site(context.node_config, context.run_config)
-    metrics = evaluate_site(site, message.content["arrays"], message.content["config"])
+    metrics = evaluate_site(site, *EvaluateInstruction.from_message(message))
     content = RecordDict({{"metrics": metrics, "site": ConfigRecord({{"name": site.name}})}})
     return Message(content=content, reply_to=message)
 '''
