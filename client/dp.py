@@ -123,6 +123,10 @@ def train_site_private(
     except ValueError as exc:
         log(INFO, "site %s: DP-SGD cannot run with the run's DP keys: %s", site.name, exc)
         raise PrivacyRefusal("DP-SGD cannot run with the message's DP keys") from None
+    if plan.steps > train_cfg.local_epochs * len(set(patients)):
+        # A sample rate below 1 / patients asks for more steps than an epoch has patients.
+        rate = number(settings.sample_rate)
+        raise PolicyError(f"dp-sample-rate {rate} asks more steps than the site has patients")
     ledgers = read_ledgers(site.state_dir)
     run_key = instruction.state_name
     previous = ledgers[run_key].history if run_key in ledgers else ()

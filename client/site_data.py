@@ -86,6 +86,11 @@ def _slice_chunk(node_config: UserConfig) -> int | None:
     return chunk
 
 
+def _simulated(node_config: UserConfig, run_config: UserConfig) -> str:
+    """The run config's ``device`` for a simulated node (``partition-id``), else ""."""
+    return str(run_config.get("device") or "") if "partition-id" in node_config else ""
+
+
 def declared_name(node_config: UserConfig, run_config: UserConfig) -> str:
     """The site's name as :func:`resolve_site` gives it, without checking its cache (for
     naming a site whose cache is broken)."""
@@ -107,7 +112,8 @@ def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
     return Site(
         name=str(node_config.get("site") or cache.name),
         cache_dir=cache,
-        device=str(node_config.get("device") or run_config.get("device") or "auto"),
+        # The run config (the coordinator's) picks the device only for simulated nodes.
+        device=str(node_config.get("device") or _simulated(node_config, run_config) or "auto"),
         state_dir=_optional_path(node_config.get("state-dir")) or cache / "fedct-state",
         pretrained_weights=weights_spec(str(node_config.get("pretrained-weights") or "")),
         epsilon_budget=_epsilon_budget(node_config),

@@ -57,10 +57,11 @@ def test_site_comes_from_node_config_or_simulation_partition(
     site_caches: dict[str, Path], run_config: dict[str, Any]
 ) -> None:
     site = resolve_site({"data-path": str(site_caches["site_b"]), "site": "B"}, run_config)
-    assert site.name == "B" and site.device == "cpu"
+    assert site.name == "B" and site.device == "auto"  # the run config's is for simulation
     assert site.state_dir == site_caches["site_b"] / "fedct-state"
     simulated = resolve_site({"partition-id": 1, "num-partitions": 2}, run_config)
     assert simulated.cache_dir == site_caches["site_b"] and simulated.name == "site_b"
+    assert simulated.device == "cpu"
     with pytest.raises(SiteConfigError, match="site-caches lists 2"):
         resolve_site({"partition-id": 2}, run_config)
     with pytest.raises(SiteConfigError, match="lacks data-path"):

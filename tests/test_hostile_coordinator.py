@@ -378,6 +378,15 @@ def test_the_dp_budget_is_checked_at_the_sites_delta(
     )
 
 
+def test_a_sample_rate_that_would_run_forever_is_refused(
+    site: dict[str, Any], run_config: dict[str, Any], task_identity: None
+) -> None:
+    """q = 1e-6 would make one local epoch a million DP-SGD steps over 8 patients."""
+    reply = _send(_dp_message(run_config, **{"dp-sample-rate": 1e-6}), site, run_config)
+    _refused(reply, site, "policy: dp-sample-rate 1e-06 asks more steps than the site has")
+    assert not ledger_path(Path(site["state-dir"])).exists()
+
+
 def test_an_epsilon_that_is_not_a_number_is_over_every_budget(
     site: dict[str, Any],
     run_config: dict[str, Any],
