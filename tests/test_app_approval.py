@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from deploy_procs import ROOT, fedct, unpack_app
 from flwr.app import Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
@@ -461,6 +462,19 @@ def test_safe_flags_in_any_spelling_start_flower(
     assert started[0][-len(flags) :] == flags  # Flower parses the same arguments again
     (line,) = (tmp_path / "fedct-audit.jsonl").read_text().splitlines()
     assert json.loads(line)["event"] == "supernode-started"
+
+
+def test_the_hospital_compose_files_supernode_is_accepted(tmp_path: Path) -> None:
+    """deploy/hospital/compose.yaml binds the Runtime API to the compose network, with process
+    isolation and the SuperExec secret: what the launcher allows beyond loopback."""
+    compose = yaml.safe_load((ROOT / "deploy" / "hospital" / "compose.yaml").read_text())
+    command = compose["services"]["supernode"]["command"]
+    flower_args = [re.sub(r"\$\{[^}]*\}", "x", arg) for arg in command[command.index("--") + 1 :]]
+    args = site_supernode.flower_arguments(flower_args)
+    assert args.host == "0.0.0.0" and site_supernode.refusal(args) is None
+    exposed = [arg for arg in flower_args if arg != "--superexec-auth-secret-file"]
+    exposed.remove("/app/certificates/superexec.secret")
+    assert "Runtime API" in site_supernode.refusal(site_supernode.flower_arguments(exposed))
 
 
 # --- only this user may change the approvals (as ssh with a key file) ------------------------
