@@ -99,7 +99,10 @@ def _unsafe(status: os.stat_result, folder: bool) -> str | None:
 def _check_folders(path: Path, shown: Path) -> None:
     """Every folder from ``path`` (resolved) up to ``/`` is this user's or root's alone."""
     for folder in (path, *path.parents):
-        reason = _unsafe(os.stat(folder), folder=True)
+        try:
+            reason = _unsafe(os.stat(folder), folder=True)
+        except OSError as exc:
+            raise ApprovalsError(f"{shown}: its folder {folder}: {exc.strerror}") from None
         if reason is not None:
             raise ApprovalsError(
                 f"{shown}: refused, as ssh refuses such a key file: its folder {folder} is "

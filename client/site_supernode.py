@@ -107,7 +107,7 @@ def guard(original: Callable[..., int | None], approvals_path: Path, audit_log: 
         state, receive = kwargs["state"], kwargs["receive"]
         get_run, get_fab = kwargs["get_run"], kwargs["get_fab"]
 
-        def checked(run: Any, fab: Any, run_id: int, *, audited: bool) -> None:
+        def checked(run: Any, fab: Any, run_id: int, *, new_run: bool) -> None:
             recorded = RecordedRun(
                 fab_hash=run.fab_hash,
                 served_hash=fab.hash_str,
@@ -117,7 +117,7 @@ def guard(original: Callable[..., int | None], approvals_path: Path, audit_log: 
             )
             decision = check_bundle(approvals_path, audit_log, fab.content, recorded)
             try:
-                if audited or not decision.approved:
+                if new_run or not decision.approved:
                     audit_decision(audit_log, decision, run_id)
             except OSError as exc:  # no bundle runs unaudited
                 reason = "the site's audit log cannot be written"
@@ -125,7 +125,7 @@ def guard(original: Callable[..., int | None], approvals_path: Path, audit_log: 
                 decision = Decision(
                     False, decision.fab_sha256, decision.app, reason=reason, detail=detail
                 )
-            if audited or not decision.approved:
+            if new_run or not decision.approved:
                 log(INFO if decision.approved else ERROR, "%s", decision.log_line(run_id))
             if not decision.approved:
                 raise _Refused(decision)
@@ -141,7 +141,7 @@ def guard(original: Callable[..., int | None], approvals_path: Path, audit_log: 
                     if fab is None:
                         reason = "the site no longer holds the run's app bundle"
                         raise _Refused(Decision(False, run.fab_hash, "?", reason=reason))
-                    checked(run, fab, run_id, audited=False)
+                    checked(run, fab, run_id, new_run=False)
             return received
 
         def get_run_and_keep(run_id: int) -> Any:
@@ -150,7 +150,7 @@ def guard(original: Callable[..., int | None], approvals_path: Path, audit_log: 
 
         def get_checked_fab(fab_hash: str, run_id: int) -> Any:
             fab = get_fab(fab_hash, run_id)
-            checked(seen["run"], fab, run_id, audited=True)
+            checked(seen["run"], fab, run_id, new_run=True)
             return fab
 
         try:
