@@ -108,9 +108,36 @@ def _site(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--sha256", help="the bundle's sha256 (`fedct app hash`)")
     trust = command("trust-key", "run every bundle signed by this release key", audited=True)
     trust.add_argument("public_key", type=Path, help="the release manager's NAME.pub")
-    revoke = command("revoke", "withdraw a bundle's approval or a key's trust", audited=True)
-    revoke.add_argument("id", help="a bundle's sha256 or a key id (`fedct site list`)")
-    command("list", "print the approved bundles and trusted keys", audited=False)
+    revoke = command(
+        "revoke",
+        "refuse a bundle from now on, even one a trusted key signed, or withdraw a key's trust",
+        audited=True,
+    )
+    revoke.add_argument("id", help="a bundle's sha256 (any bundle) or a key id (`fedct site list`)")
+    policy = command(
+        "policy", "run only recent versions of an app, even when approved or signed", audited=True
+    )
+    rule = policy.add_mutually_exclusive_group(required=True)
+    rule.add_argument(
+        "--min-version",
+        nargs=2,
+        metavar=("APP", "VERSION"),
+        help="refuse versions of APP (publisher/name, e.g. fedct/fedct) older than VERSION "
+        "(PEP 440, e.g. 0.2.0)",
+    )
+    rule.add_argument(
+        "--newest-only",
+        metavar="APP",
+        help="refuse versions of APP older than the newest one approved here by sha256 or "
+        "already run here (the audit log's bundle-accepted lines), so that an old signed "
+        "release cannot be replayed",
+    )
+    rule.add_argument("--clear", metavar="APP", help="remove APP's policy")
+    command(
+        "list",
+        "print the approved bundles, trusted keys, revoked bundles and version policies",
+        audited=False,
+    )
     supernode = command(
         "supernode",
         "run flower-supernode, refusing every app bundle not approved here",
