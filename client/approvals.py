@@ -50,7 +50,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from packaging.version import InvalidVersion, Version
 
-from fedct.client.egress import append_line
+from fedct.client.audit_log import append_line
 from fedct.common.trust.app_signing import (
     BundleError,
     key_id,

@@ -28,9 +28,7 @@ exception's text.  A reply whose line cannot be written is not sent.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -43,6 +41,7 @@ from flwr.app import Array, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 
+from fedct.client.audit_log import AUDIT_FILE, append_line, audit_log_path
 from fedct.client.site_data import declared_name, resolve_site
 from fedct.client.site_errors import error_reply, issued_errors
 from fedct.common.federation.messages import (
@@ -67,7 +66,6 @@ from fedct.common.federation.site_error import (
 from fedct.common.federation.transport import Layout
 from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
 
-AUDIT_FILE = "fedct-audit.jsonl"
 _SHOWN_NAMES = 5
 
 
@@ -190,12 +188,6 @@ def describe(reply: Message) -> dict[str, Any]:
     }
 
 
-def audit_log_path(node_config: Mapping[str, Any], cache_dir: Path) -> Path:
-    """The site's audit log: node-config ``audit-log``, else ``AUDIT_FILE`` in the cache."""
-    explicit = str(node_config.get("audit-log") or "").strip()
-    return Path(explicit).expanduser() if explicit else cache_dir / AUDIT_FILE
-
-
 def node_audit_log(context: Context) -> Path | None:
     """The audit log of this node: node-config ``audit-log``, else in its ``data-path``, else
     (in simulation) in the site's cache; None when none can be told."""
@@ -208,20 +200,6 @@ def node_audit_log(context: Context) -> Path | None:
         return resolve_site(context.node_config, context.run_config).cache_dir / AUDIT_FILE
     except Exception:  # noqa: BLE001 — the handler names the problem; here there is no log
         return None
-
-
-def append_line(path: Path, entry: dict[str, Any]) -> None:
-    """Append ``entry`` as one JSON line with a single write to a file opened for appending,
-    so that lines of concurrent ClientApps never interleave."""
-    data = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        written = os.write(handle, data)
-    finally:
-        os.close(handle)
-    if written != len(data):
-        raise OSError(f"{path}: audit line written only in part ({written} of {len(data)} bytes)")
 
 
 def _parsed(message: Message) -> Instruction | None:

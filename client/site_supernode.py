@@ -47,7 +47,7 @@ from fedct.client.approvals import (
     audit_decision,
     decide,
 )
-from fedct.client.egress import audit_log_path
+from fedct.client.audit_log import audit_log_path
 from fedct.common.registry_proto import is_loopback
 from fedct.common.trust.app_signing import SIGNATURE_KEY
 
