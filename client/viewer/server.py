@@ -1,0 +1,1 @@
+"""``fedct serve``: a local web viewer that diagnoses uploaded studies and shows the evidence."""
