@@ -70,7 +70,8 @@ function show(i){
 }
 function step(d){show(Number(slider.value)-1+d);}
 slider.addEventListener('input',()=>show(Number(slider.value)-1));
-stage.addEventListener('wheel',e=>{e.preventDefault();step(e.deltaY>0?1:-1);},{passive:false});
+stage.addEventListener('wheel',e=>{e.preventDefault();if(e.deltaY){step(e.deltaY>0?1:-1);}},
+  {passive:false});
 document.addEventListener('keydown',e=>{
   if(e.target.tagName==='INPUT'&&e.target.type!=='range'&&e.target.type!=='checkbox')return;
   if(e.key==='ArrowUp'||e.key==='ArrowRight'){step(1);e.preventDefault();}
