@@ -42,13 +42,19 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The backbone's exports, shared by the module's tests (one export per model)."""
+    return tmp_path_factory.mktemp("exported")
+
+
 @pytest.fixture(autouse=True)
-def private_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every temporary file in a folder of the test's own, and the backbone's export there."""
+def private_temp(tmp_path: Path, exported: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every temporary file in a folder of the test's own, the backbone's exports apart."""
     folder = tmp_path / "system-temp"
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    monkeypatch.setattr(engine, "DEFAULT_CACHE", tmp_path / "exported")
+    monkeypatch.setattr(engine, "DEFAULT_CACHE", exported)
     return folder
 
 

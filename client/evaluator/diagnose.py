@@ -244,7 +244,7 @@ class Diagnoser:
         study's page as a plain and an evidence picture per slice."""
         pixels = np.load(scan_path(cache_dir, scan))
         try:
-            cams = class_activation_maps(self.loaded.model, to_model_input(pixels), COVID_INDEX)
+            cams = class_activation_maps(self.scorer, to_model_input(pixels), COVID_INDEX)
         except ValueError as exc:  # a backbone without spatial feature maps
             entry["qa"].append(f"no evidence maps: {exc}")
             cams = None
