@@ -102,7 +102,8 @@ def main() -> int:
             driver.find_element(By.ID, "zip-send").click()
             WebDriverWait(driver, 300).until(lambda d: d.find_elements(By.ID, "stage"))
             opacity = driver.find_element(By.ID, "opacity")
-            opacity.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * 50)
+            opacity.send_keys(*[Keys.ARROW_RIGHT] * 10)  # 40 % → 50 %
+            driver.execute_script("window.scrollTo(0, 0)")
             time.sleep(0.5)
             shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
         finally:
@@ -110,7 +111,7 @@ def main() -> int:
             os.kill(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
     shot = shot.resize((shot.width * 3 // 4, shot.height * 3 // 4), Image.Resampling.LANCZOS)
-    shot.quantize(colors=128).save(args.out, optimize=True)
+    shot.quantize(colors=256).save(args.out, optimize=True)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
     return 0
 

@@ -73,7 +73,7 @@ slider.addEventListener('input',()=>show(Number(slider.value)-1));
 stage.addEventListener('wheel',e=>{e.preventDefault();if(e.deltaY){step(e.deltaY>0?1:-1);}},
   {passive:false});
 document.addEventListener('keydown',e=>{
-  if(e.target.tagName==='INPUT'&&e.target.type!=='range'&&e.target.type!=='checkbox')return;
+  if(e.target.tagName==='INPUT')return;  // a slider moves itself; the slice slider calls show
   if(e.key==='ArrowUp'||e.key==='ArrowRight'){step(1);e.preventDefault();}
   if(e.key==='ArrowDown'||e.key==='ArrowLeft'){step(-1);e.preventDefault();}
 });
