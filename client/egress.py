@@ -215,9 +215,14 @@ def _error_fields(reply: Message, site: str, **fields: Any) -> tuple[Message, di
 
 
 def _checked(
-    message: Message, context: Context, call_next: ClientAppCallable, site: str
+    message: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    site: str,
+    instruction: Instruction | None,
 ) -> tuple[Message, dict[str, Any]]:
-    """The reply to send and its audit fields."""
+    """The reply to send and its audit fields (``instruction``: the message as the schema
+    reads it, None when it refuses it)."""
     with issued_errors() as issued:
         try:
             reply = call_next(message, context)
@@ -229,7 +234,6 @@ def _checked(
             reply = error_reply(message, site, fixed_reason("internal"))
     if reply.has_error():
         return _error_fields(reply, site)
-    instruction = _parsed(message)
     if instruction is None:
         found = [Violation("a reply to a message the schema refuses", "")]
     else:
@@ -261,7 +265,7 @@ def egress_guard(message: Message, context: Context, call_next: ClientAppCallabl
         "round": instruction.server_round if instruction else None,
         "message_type": _type(message),
     }
-    reply, fields = _checked(message, context, call_next, site)
+    reply, fields = _checked(message, context, call_next, site, instruction)
     audit_log = node_audit_log(context)
     try:
         if audit_log is None:
