@@ -19,6 +19,8 @@ BitsStored, the NIfTI reader its voxel type, the slice-image reader the bit dept
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedct.common.ingest.base import Intensity, Scan, ScanLoadError
@@ -31,7 +33,8 @@ DISPLAY_LIMITS = (0.0, 255.0)
 CONTENT_FRACTION = 0.005
 BLANK_TOLERANCE = {"hu": 100.0, "display": 4.0}  # air noise is ±20 HU; tissue is 500+ above it
 MAX_SLICE_PIXELS = 4096 * 4096  # CT slices are 512², rarely 1024² or 2048²
-_MEDIAN_STRIDE = 61  # the median of a strided sample is close enough to tell a blank slice
+_SAMPLE_STRIDE = 61  # prime, so the sample does not follow image rows or columns
+_SURE_CONTENT = 4 * CONTENT_FRACTION  # a sample with this much content is no blank slice
 
 
 def check_voxels(
@@ -40,11 +43,11 @@ def check_voxels(
     """``block`` (k, H, W) float, repaired where that is safe, and the warnings it earns;
     :class:`ScanLoadError` naming ``source`` when it cannot be used."""
     warnings: tuple[str, ...] = ()
-    finite = np.isfinite(block)
-    if not finite.all():
-        block = _repair_nan(block, finite, source, intensity)
+    low, high = float(block.min()), float(block.max())  # NaN or ±inf when any voxel is
+    if not (math.isfinite(low) and math.isfinite(high)):
+        block = _repair_nan(block, np.isfinite(block), source, intensity)
         warnings += ("non-finite-repaired",)
-    low, high = float(block.min()), float(block.max())
+        low, high = float(block.min()), float(block.max())
     limits = HU_LIMITS if intensity == "hu" else DISPLAY_LIMITS
     if low < limits[0] or high > limits[1]:
         unit = "HU" if intensity == "hu" else "display values"
@@ -85,11 +88,19 @@ def _repair_nan(
 
 
 def blank_slices(block: np.ndarray, intensity: Intensity) -> list[int]:
-    """Indices of the slices of ``block`` that are constant or nearly empty."""
+    """Indices of the slices of ``block`` that are constant or nearly empty.  A strided
+    sample of each slice tells the slices with plenty of content (all of a real scan's);
+    the few others are counted voxel by voxel."""
     flat = block.reshape(len(block), -1)
-    median = np.median(flat[:, ::_MEDIAN_STRIDE], axis=1, keepdims=True)
-    content = (np.abs(flat - median) > BLANK_TOLERANCE[intensity]).mean(axis=1)
-    return [int(i) for i in np.flatnonzero(content < CONTENT_FRACTION)]
+    sample = flat[:, ::_SAMPLE_STRIDE]
+    median = np.median(sample, axis=1, keepdims=True)
+    tolerance = BLANK_TOLERANCE[intensity]
+    content = (np.abs(sample - median) > tolerance).mean(axis=1)
+    blank = []
+    for i in np.flatnonzero(content < _SURE_CONTENT):
+        if (np.abs(flat[i] - median[i]) > tolerance).mean() < CONTENT_FRACTION:
+            blank.append(int(i))
+    return blank
 
 
 def check_dtype(dtype: np.dtype) -> str:
