@@ -5,6 +5,7 @@ and SIGTERM / SIGHUP stopping a multi-worker prepare cleanly (real processes).""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ from PIL import Image
 from pydicom.uid import RLELossless
 
 from fedct.client.site_data import SiteConfigError, check_site_cache
+from fedct.common.cache import store
 from fedct.common.cache.config import PrepareConfig
 from fedct.common.cache.inspect import inspect_input
 from fedct.common.cache.lock import LOCK_FILE
@@ -326,7 +328,7 @@ def test_splits_never_move_and_a_scan_no_longer_labelled_leaves(
 
 
 def test_sizes_are_bounded_before_anything_is_written_and_a_full_disk_is_named(
-    site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "cache"
     base = ["prepare", "--input", str(site), "--out", str(cache), "--workers", "1",
@@ -344,18 +346,36 @@ def test_sizes_are_bounded_before_anything_is_written_and_a_full_disk_is_named(
 
     disk = tmp_path / "small-disk"
     disk.mkdir()
-    fedct = [sys.executable, "-m", "fedct.common.cli", *base[:4], str(disk / "cache"), *base[5:]]
-    script = f'mount -t tmpfs -o size=24k fedct-test {disk} && exec "$@"'
-    try:
-        full = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *fedct, "--size", "64"],
+    out = ["--out", str(disk / "cache"), "--size", "64"]
+    if _can_mount():  # a real full disk: a 24 kB tmpfs in a mount namespace of its own
+        fedct = [sys.executable, "-m", "fedct.common.cli", *base[:3], *base[5:], *out]
+        script = f'mount -t tmpfs -o size=24k fedct-test {disk} && exec "$@"'
+        full = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *fedct],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
-    except FileNotFoundError:
-        pytest.skip("no unshare here to mount a small disk")
-    if "mount" in full.stderr and full.returncode != 1:
-        pytest.skip(f"cannot mount a small disk here: {full.stderr.strip()}")
-    last = full.stderr.strip().splitlines()[-1]
-    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
-    assert f"{disk}/cache/" in last and "No space left on device" in last and "is full" in last
+        code, err = full.returncode, full.stderr
+    else:  # no namespaces here: the disk fills up as the first scan is written
+        monkeypatch.setattr(store, "open", _full_disk_open, raising=False)
+        code, err = main([*base[:3], *base[5:], *out]), capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err, err
+    assert f"{disk}/cache/scans/" in last and "No space left on device" in last, last
+    assert "is full" in last
+
+
+def _can_mount() -> bool:
+    probe = ["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /mnt"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+def _full_disk_open(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+    handle = open(path, mode, *args, **kwargs)  # noqa: SIM115
+    if "w" in mode and "/scans/" in str(path):
+        handle.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return handle
 
 
 # --- SIGTERM and SIGHUP stop a multi-worker prepare (and the demo) --------------------------

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 from fedct.common.cache.config import PrepareConfig, differing_settings
 from fedct.common.cache.lock import cache_writer
-from fedct.common.cache.normalize import parse_normalization, to_cache_pixels
+from fedct.common.cache.normalize import Normalization, parse_normalization, to_cache_pixels
 from fedct.common.cache.pseudonym import load_or_create_salt, pseudonym
 from fedct.common.cache.qa import QACollector, plural, print_summary, scan_hu_counts
 from fedct.common.cache.scan_index import ScanIndex, ScanRecord
@@ -143,92 +143,105 @@ def prepare(
     label_map: Path | None = None,
     progress: bool = True,
 ) -> PrepareResult:
-    """Prepare ``input_dir`` into ``cache_dir``; raises only for unusable arguments or cache
-    (before writing anything), a cache another process is writing, a full disk, or Ctrl-C."""
-    began = time.perf_counter()
-    cache_dir = Path(cache_dir)
+    """Prepare ``input_dir`` into ``cache_dir``, holding the cache's writer lock
+    (common/cache/lock.py); raises only for unusable arguments or cache (before writing
+    anything), a cache another process is writing, a failed write (a full disk), or Ctrl-C."""
     norm = parse_normalization(cfg.normalize)
     mapping = load_label_map(label_map)
     table = LabelTable.load(labels) if labels else None
     if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"{input_dir}: input folder does not exist")
-    with cache_writer(cache_dir):
-        existing = _existing_rows(cache_dir)
-        index = ScanIndex(cache_dir)
-        _record_settings(cache_dir, cfg, bool(existing or index.records) or _has_scans(cache_dir))
-        salt = load_or_create_salt(cache_dir)
-        damaged = 0
-
-        rejections: list[Rejection] = []
-        pending: list[tuple[Scan, dict[str, Any]]] = []
-        rows: dict[str, dict[str, Any]] = dict(existing)
-        rejected_ids: dict[str, str] = {}  # scans of this input rejected: scan id -> reason
-        # Pseudonym -> raw patient ID, in memory only: the split follows the data, not the salt.
-        split_keys: dict[str, str] = {}
-        reused = 0
-        collected = QACollector()
-        items = read_input(
-            Path(input_dir), cfg.format, progress=progress, labels=labels, workers=cfg.workers
+    with cache_writer(Path(cache_dir)):
+        return _prepare(
+            Path(input_dir), Path(cache_dir), cfg, norm, mapping, table, labels, progress
         )
-        for item in items:
-            if isinstance(item, Ignored):
-                collected.ignored.append(item)
-                continue
-            if isinstance(item, Rejection):
-                rejections.append(item)
-                continue
-            label = table.label_of(item) if table else item.label
-            problem = _scan_problem(item, table, label, mapping, cfg)
-            if problem is not None:
-                rejections.append(problem)
-                rejected_ids[pseudonym(salt, "scan", item.study_key, item.series_key)] = (
-                    problem.reason
-                )
-                continue
-            global_class = to_global(label, mapping) if label else None
-            row = _row_for(item, label, global_class, salt, cfg)
-            split_keys[row["patient_id"]] = item.patient_key
-            collected.add_scan(item, row)
-            problem = index.problem(row["scan_id"])
-            if problem is None:
-                index.adopt(row["scan_id"])
-                rows[row["scan_id"]] = {**existing.get(row["scan_id"], {}), **row}
-                reused += 1
+
+
+def _prepare(
+    input_dir: Path,
+    cache_dir: Path,
+    cfg: PrepareConfig,
+    norm: Normalization,
+    mapping: dict[str, str],
+    table: LabelTable | None,
+    labels: Path | None,
+    progress: bool,
+) -> PrepareResult:
+    began = time.perf_counter()
+    existing = _existing_rows(cache_dir)
+    index = ScanIndex(cache_dir)
+    _record_settings(cache_dir, cfg, bool(existing or index.records) or _has_scans(cache_dir))
+    salt = load_or_create_salt(cache_dir)
+    damaged = 0
+
+    rejections: list[Rejection] = []
+    pending: list[tuple[Scan, dict[str, Any]]] = []
+    rows: dict[str, dict[str, Any]] = dict(existing)
+    rejected_ids: dict[str, str] = {}  # scans of this input rejected: scan id -> reason
+    # Pseudonym -> raw patient ID, in memory only: the split follows the data, not the salt.
+    split_keys: dict[str, str] = {}
+    reused = 0
+    collected = QACollector()
+    items = read_input(
+        Path(input_dir), cfg.format, progress=progress, labels=labels, workers=cfg.workers
+    )
+    for item in items:
+        if isinstance(item, Ignored):
+            collected.ignored.append(item)
+            continue
+        if isinstance(item, Rejection):
+            rejections.append(item)
+            continue
+        label = table.label_of(item) if table else item.label
+        global_class = to_global(label, mapping) if label else None
+        problem = _scan_problem(item, table, label, global_class, cfg)
+        if problem is not None:
+            rejections.append(problem)
+            rejected_ids[pseudonym(salt, "scan", item.study_key, item.series_key)] = problem.reason
+            continue
+        row = _row_for(item, label, global_class, salt, cfg)
+        split_keys[row["patient_id"]] = item.patient_key
+        collected.add_scan(item, row)
+        problem = index.problem(row["scan_id"])
+        if problem is None:
+            index.adopt(row["scan_id"])
+            rows[row["scan_id"]] = {**existing.get(row["scan_id"], {}), **row}
+            reused += 1
+        else:
+            damaged += problem != "missing"
+            pending.append((item, row))
+    if damaged:
+        console.print(
+            f"[yellow]warning:[/yellow] {damaged} cached scans are damaged (truncated, or "
+            "another checksum than when written): preparing them again",
+            highlight=False,
+        )
+
+    _PENDING[:] = pending
+    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size)
+    done = 0
+    try:
+        for row, outcome in _run_conversions(len(pending), cfg.workers, progress):
+            if isinstance(outcome, Rejection):
+                rejections.append(outcome)
+                rejected_ids[row["scan_id"]] = outcome.reason
             else:
-                damaged += problem != "missing"
-                pending.append((item, row))
-        if damaged:
-            console.print(
-                f"[yellow]warning:[/yellow] {damaged} cached scans are damaged (truncated, or "
-                "another checksum than when written): preparing them again",
-                highlight=False,
-            )
+                index.append(outcome)
+                rows[row["scan_id"]] = collected.add_converted(row)
+            done += 1
+    except KeyboardInterrupt:
+        raise PrepareInterrupted(done, len(pending)) from None
+    finally:
+        _PENDING.clear()
+        _remove_temporaries(cache_dir)
 
-        _PENDING[:] = pending
-        _JOB.update(norm=norm, cache=cache_dir, size=cfg.size)
-        done = 0
-        try:
-            for row, outcome in _run_conversions(len(pending), cfg.workers, progress):
-                if isinstance(outcome, Rejection):
-                    rejections.append(outcome)
-                    rejected_ids[row["scan_id"]] = outcome.reason
-                else:
-                    index.append(outcome)
-                    rows[row["scan_id"]] = collected.add_converted(row)
-                done += 1
-        except KeyboardInterrupt:
-            raise PrepareInterrupted(done, len(pending)) from None
-        finally:
-            _PENDING.clear()
-            _remove_temporaries(cache_dir)
-
-        removed = _remove_rejected(cache_dir, rows, existing, rejected_ids)
-        ordered = sorted(rows.values(), key=lambda r: r["scan_id"])
-        moved = _assign_splits(ordered, split_keys, existing, cfg)
-        write_manifest(cache_dir, ordered)
-        index.compact({row["scan_id"] for row in ordered})
-        seconds = time.perf_counter() - began
-        collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
+    removed = _remove_rejected(cache_dir, rows, existing, rejected_ids)
+    ordered = sorted(rows.values(), key=lambda r: r["scan_id"])
+    moved = _assign_splits(ordered, split_keys, existing, cfg)
+    write_manifest(cache_dir, ordered)
+    index.compact({row["scan_id"] for row in ordered})
+    seconds = time.perf_counter() - began
+    collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
     return PrepareResult(
         ordered, rejections, reused, seconds, collected.ignored, damaged, removed, moved
     )
@@ -238,13 +251,13 @@ def _scan_problem(
     scan: Scan,
     table: LabelTable | None,
     label: str | None,
-    mapping: Any,
+    global_class: str | None,
     cfg: PrepareConfig,
 ) -> Rejection | None:
     """Why a scan the reader found cannot go into the cache (its label, its length)."""
     if table is not None and label is None:
         return scan.rejected("missing-label")
-    if label is not None and to_global(label, mapping) is None:
+    if label is not None and global_class is None:
         return scan.rejected("unknown-label", f"label {label!r}")
     if scan.n_slices < cfg.min_slices:
         return scan.rejected("too-few-slices", f"{scan.n_slices} < {cfg.min_slices}")
