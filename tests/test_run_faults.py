@@ -24,6 +24,7 @@ from fedct.common.cli import main
 from fedct.server.app import main as server_main
 from fedct.server.launch.preflight import PreflightError, check_before_launch
 from fedct.server.launch.simulate import write_run_config
+from fedct.server.roster import MAX_REASON, one_line
 from fedct.server.run_lock import RunLock
 from tests.test_evaluate import make_run
 
@@ -148,3 +149,19 @@ def test_sigterm_stops_simulate_and_every_process_it_started(
         assert f"resume with --set resume-from={run_dir}" in last
     assert _flower_processes(home) == []
     assert RunLock(run_dir, "").in_use() is None  # a resume is not refused as "in use"
+
+
+def test_a_failure_reason_is_kept_as_one_line() -> None:
+    """Ray and Flower wrap a site's exception in a traceback that names the site's paths;
+    the card keeps the exception's message."""
+    wrapped = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() "
+        '(pid=4242, ip=10.0.0.5)\n  File "/srv/hospital/venv/flwr/ray_actor.py", line 65, in run'
+        "\n    raise ClientAppException(str(ex)) from ex\nflwr.clientapp.client_app."
+        "ClientAppException: \nException ClientAppException occurred. Message: "
+        "cannot reshape array of size 10 into shape (3,32,32)'>"
+    )
+    assert one_line(wrapped) == "cannot reshape array of size 10 into shape (3,32,32)"
+    named = "site 'hospital-a': data-path/scans/s1.npy: damaged cached scan: 3 bytes"
+    assert one_line(named) == named
+    assert len(one_line("x" * 5000)) == MAX_REASON
