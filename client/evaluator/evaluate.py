@@ -220,7 +220,7 @@ def _cache_for(
                 f"{data}: is a prepared cache; --labels, --label-map and --format apply to raw "
                 "folders only"
             )
-        verify_cache(data)
+        verify_cache(data, checksum=True)  # the scans scored are the ones the index names
         cached = read_settings(data) or {}
         wanted = {k: v for k, v in settings.items() if k not in missing}
         differ = list(differing_settings(cached, wanted))

@@ -79,7 +79,7 @@ class CacheDataset(Dataset[ScanItem]):
         path = scan_path(self.cache_dir, row["scan_id"])
         try:
             pixels = np.load(path, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # numpy's header parser raises many types on damaged bytes
             raise CacheError(f"{path}: unreadable cached scan ({exc})") from exc
         if 0 < self.max_slices < len(pixels):
             pixels = pixels[np.sort(self._rng.choice(len(pixels), self.max_slices, replace=False))]
