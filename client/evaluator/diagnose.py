@@ -43,6 +43,7 @@ from fedct.common.console import err
 from fedct.common.console import out as stdout
 from fedct.common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
 from fedct.common.ingest.discover import detect_format, read_input
+from fedct.common.ingest.walk import walk_input
 from fedct.common.metrics.operating_point import OperatingPoint
 from fedct.common.model.cam import class_activation_maps
 from fedct.common.model.inference_engine import scoring_model
@@ -140,6 +141,8 @@ class Diagnoser:
         tell = progress or (lambda what, share: None)
         clock = _Clock()
         tell("reading headers", 0.0)
+        if fmt == "auto":
+            fmt = detect_format(walk_input(root).files)
         items = list(read_input(root, fmt, workers=workers))
         scans = [item for item in items if isinstance(item, Scan)]
         clock.lap("read")
@@ -308,7 +311,7 @@ def _group(
     for scan in scans:
         studies[scan.study_key].scans.append(scan)
         by_source[scan.source] = scan.study_key
-    dicom = (detect_format(root) if fmt == "auto" else fmt) == "dicom"
+    dicom = fmt == "dicom"
     unassigned = []
     for rejection in rejections:
         key = by_source.get(rejection.path)
