@@ -118,7 +118,9 @@ class Federation:
         if settings.secure_aggregation:
             self.secure = SecureAggregator(
                 lambda messages, minimum, timeout: self.exchange(
-                    messages, minimum=minimum, timeout=timeout
+                    messages,
+                    minimum=len(messages) if minimum is None else minimum,
+                    timeout=timeout,
                 )[0],
                 self.roster,
                 degree=settings.secagg_degree,

@@ -40,18 +40,21 @@ LAYOUT = Layout.of(global_state())
 
 class DroppingGrid(FakeGrid):
     """A FakeGrid whose nodes in ``drop_at[stage]`` stop answering from that stage on (their
-    ClientApp dies: the SuperNode stays connected)."""
+    ClientApp dies: the SuperNode stays connected); ``drop_at[(message type, round)]`` only
+    from that message of that round on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.drop_at: dict[str, set[int]] = {}
+        self.drop_at: dict[Any, set[int]] = {}
         self.replies_seen: list[Message] = []
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         for message in messages:
-            action = message.metadata.message_type.partition(".")[2]
-            self.silent |= self.drop_at.get(action, set())
+            kind = message.metadata.message_type
+            server_round = message.content["config"].get("server-round")
+            self.silent |= self.drop_at.get(kind.partition(".")[2], set())
+            self.silent |= self.drop_at.get((kind, server_round), set())
         return super().push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -66,19 +69,20 @@ def make_grid(app: Any, caches: dict[str, Path], run_config: dict[str, Any]) -> 
 
 
 def aggregator(grid: FakeGrid, *, degree: int = 0, threshold: float = 0.66) -> SecureAggregator:
-    """The coordinator's aggregator over ``grid``, with 3-second deadlines; it learns the
-    sites' names from their replies, as the round loop does."""
+    """The coordinator's aggregator over ``grid``, with 1-second deadlines (the grid answers
+    as a message is pushed: a live site is never late); it learns the sites' names from their
+    replies, as the round loop does."""
     roster = Roster()
 
     def exchange(messages: list[Message], minimum: int | None, timeout: float | None) -> Any:
         wanted = len(messages) if minimum is None else minimum
-        collected = collect(grid, messages, timeout=3, minimum=wanted, factor=2, poll=0.01)
+        collected = collect(grid, messages, timeout=1, minimum=wanted, factor=2, poll=0.01)
         for reply in collected.replies:
             roster.learn_from(collected.node(reply), reply)
         return collected
 
     return SecureAggregator(
-        exchange, roster, degree=degree, threshold=threshold, min_survivors=2, stage_timeout=3
+        exchange, roster, degree=degree, threshold=threshold, min_survivors=2, stage_timeout=1
     )
 
 
