@@ -12,7 +12,9 @@ per evaluate phase, in four messages (common/federation/messages.py):
    participants: common/federation/secagg.py) and seals each neighbour's shares for it;
 3. ``masked``: it opens the shares its neighbours sealed for it, trains (or scores) as the
    message's instruction asks, and sends only its input (common/federation/secure_vector.py)
-   plus its self mask and the masks it shares with those neighbours, in the field;
+   plus its self mask and the masks it shares with those neighbours, in the field; the
+   pairwise masks are bound to the weights and instruction it received, so a coordinator
+   that sends sites different models gets a sum that does not unmask;
 4. ``unmask``: for the sites the coordinator names as survivors it sends the self-mask seed
    shares it holds, for those it names as dropped the mask-key shares; never both for one
    site, and only once per instance.
@@ -60,6 +62,7 @@ from fedct.common.federation.secagg import (
     pairwise_seed,
     pairwise_sign,
     quantize,
+    received_digest,
     seal_shares,
     shared_key,
     split_secret,
@@ -155,15 +158,13 @@ def share(stage: SecAggShares, node: int, state: RecordDict) -> ConfigRecord:
     return ConfigRecord({"nodes": list(stage.nodes), "shares": sealed})
 
 
-def _agreed(
-    private: bytes, public: bytes, instance: bytes, *, purpose: str | None = SHARE_KEY
-) -> bytes:
-    """The key agreed with a neighbour's public key: for sealing shares, or (purpose None)
-    the seed of the mask the two share."""
+def _agreed(private: bytes, public: bytes, instance: bytes, received: bytes = b"") -> bytes:
+    """The key agreed with a neighbour's public key: for sealing shares, or (given the
+    digest of what this site ``received``) the seed of the mask the two share."""
     try:
-        if purpose is None:
-            return pairwise_seed(private, public, instance)
-        return shared_key(private, public, purpose, instance)
+        if received:
+            return pairwise_seed(private, public, instance, received)
+        return shared_key(private, public, SHARE_KEY, instance)
     except ValueError:
         raise _refuse("a neighbour's public key gives no shared key") from None
 
@@ -198,11 +199,14 @@ def masked_input(
             held[other] = open_shares(key, stage.instance, other, node, sealed)
         except ValueError:
             raise _refuse("a neighbour's sealed shares do not open") from None
+    received = received_digest(
+        stage.instruction.to_config(), ((name, a.data) for name, a in arrays.items())
+    )
     vector = _input(site, stage, arrays, policy)
     masked = quantize(vector, np.random.default_rng(secrets.randbits(128)))
     add_into(masked, mask(record["seed"], masked.size))
     for other in stage.nodes:
-        seed = _agreed(record["mask-private"], known[other][1], stage.instance, purpose=None)
+        seed = _agreed(record["mask-private"], known[other][1], stage.instance, received)
         add_into(masked, mask(seed, masked.size), pairwise_sign(node, other))
     state[SENT] = ConfigRecord({"instances": [*_sent(state), stage.instance]})
     record.update(

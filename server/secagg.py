@@ -63,6 +63,7 @@ from fedct.common.federation.secagg import (
     pairwise_sign,
     public_of,
     quantisation_bound,
+    received_digest,
     threshold_of,
 )
 from fedct.common.federation.secure_vector import SecureSum, VectorSpec
@@ -213,6 +214,7 @@ class SecureAggregator:
             masked_stages[node] = SecAggMasked.of(
                 instruction, tuple(senders), tuple(shared[o][node] for o in senders)
             )
+        sent: dict[int, Message] = {}
         inputs = self._stage(
             "masked",
             masked_stages,
@@ -221,6 +223,7 @@ class SecureAggregator:
             minimum=needed,
             arrays=arrays,
             valid=lambda vector: vector.dtype == FIELD_DTYPE and vector.shape == (spec.length,),
+            sent=sent,
         )
         survivors = sorted(inputs)
         dropped = sorted(set(shared) - set(inputs))
@@ -260,7 +263,8 @@ class SecureAggregator:
                     f"the rebuilt mask key of {self.roster.name(gone)} is wrong"
                 )
             for node in partners:
-                seed = pairwise_seed(private, public[node][1], keys.instance)
+                received = _received(masked_stages[node], sent[node])
+                seed = pairwise_seed(private, public[node][1], keys.instance, received)
                 add_into(total, mask(seed, total.size), -pairwise_sign(node, gone))
         decoded = spec.decode(dequantize(total))
         weight = decoded.metrics.get("num-examples", 0.0)
@@ -288,9 +292,11 @@ class SecureAggregator:
         minimum: int = 0,
         arrays: ArrayRecord | None = None,
         valid: Callable[[Any], bool] = lambda _: True,
+        sent: dict[int, Message] | None = None,
     ) -> dict[int, Any]:
-        """Send each node its stage; ``value(stage, reply)`` of every node whose reply keeps
-        the stage's rules (the others are failures of this stage)."""
+        """Send each node its stage (recorded in ``sent``, weights packed as they went);
+        ``value(stage, reply)`` of every node whose reply keeps the stage's rules (the others
+        are failures of this stage)."""
         started = time.monotonic()
         messages = []
         for node, stage in sorted(stages.items()):
@@ -300,6 +306,8 @@ class SecureAggregator:
             messages.append(
                 Message(content=content, message_type=stage.message_type, dst_node_id=node)
             )
+            if sent is not None:
+                sent[node] = messages[-1]
         # The masked input (training) has the round's straggler deadline; the short stages wait
         # for every site up to secagg-stage-timeout.
         if name == "masked":
@@ -337,6 +345,15 @@ class SecureAggregator:
             "bytes-received": sum(content_bytes(r) for r in collected.replies),
         }
         return values
+
+
+def _received(stage: SecAggStage, message: Message) -> bytes:
+    """The digest of the weights and instruction a masked-input message carried."""
+    assert isinstance(stage, SecAggMasked)
+    arrays = message.content[ARRAYS_RECORD]
+    return received_digest(
+        stage.instruction.to_config(), ((name, a.data) for name, a in arrays.items())
+    )
 
 
 def _shares(revealed: dict[int, Any], nodes_key: str, shares_key: str) -> dict[int, list[bytes]]:

@@ -30,8 +30,9 @@ def write_sites(root: Path, names: Iterable[str]) -> dict[str, Path]:
     }
 
 
-def global_state() -> dict[str, Any]:
-    torch.manual_seed(0)
+def global_state(seed: int = 0) -> dict[str, Any]:
+    """The tiny model's travelling state, initialised from ``seed``."""
+    torch.manual_seed(seed)
     return {k: v.numpy() for k, v in travelling_state(build_model(TINY), TINY).items()}
 
 

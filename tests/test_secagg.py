@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import instruction_message
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
     Context,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -196,6 +198,42 @@ def test_fewer_survivors_than_the_threshold_fail_cleanly(
 
 
 # --- a hostile coordinator against the site -----------------------------------------------
+
+
+def test_different_models_for_different_sites_leave_a_sum_that_does_not_unmask(
+    caches: dict[str, Path], run_config: dict[str, Any], evaluation: Any, task_identity: None
+) -> None:
+    """The coordinator sends site h1 another model than the others (to read h1's result off
+    the sum): the pairwise masks are bound to what each site received and do not cancel."""
+    three = {name: caches[name] for name in SITES[:3]}
+    grid = make_grid(hospital.app, three, run_config)
+    other = LAYOUT.pack(global_state(seed=5), "float32")
+    push = grid.push_messages
+
+    def inconsistent(messages: Any) -> Any:
+        messages = list(messages)
+        for message in messages:
+            masked = message.metadata.message_type == "evaluate.secagg_masked"
+            if masked and message.metadata.dst_node_id == 10:
+                message.content["arrays"] = other
+        return push(messages)
+
+    grid.push_messages = inconsistent  # type: ignore[method-assign]
+    outcome = aggregate(grid, *evaluation)
+    honest = sum(m["num-examples"] for m in _plain(caches, list(SITES[:3]), evaluation).values())
+    assert outcome.result is not None and outcome.result.metrics["num-examples"] != honest
+    assert not 0 <= outcome.result.metrics["tune-n"] <= 1000  # noise, not a count
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_plain_messages(
+    caches: dict[str, Path], run_config: dict[str, Any], task_identity: None
+) -> None:
+    site = Site(caches["h1"], run_config, **{"require-secure-aggregation": True})
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        reply = hospital.app(instruction_message(run_config, kind), site.context)
+        assert _refusal(reply) == (
+            "policy: the site answers only through secure aggregation (require-secure-aggregation)"
+        )
 
 
 class Site:

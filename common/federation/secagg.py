@@ -26,9 +26,10 @@ both ends must compute identically.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,9 +204,25 @@ def mask(seed: bytes, length: int) -> np.ndarray:
     return np.frombuffer(stream.update(bytes(8 * length)), dtype=FIELD_DTYPE).copy()
 
 
-def pairwise_seed(own_private: bytes, other_public: bytes, instance: bytes) -> bytes:
-    """The seed of the mask two sites share (each derives it from its own mask key)."""
-    return shared_key(own_private, other_public, "pairwise-mask", instance)
+def pairwise_seed(
+    own_private: bytes, other_public: bytes, instance: bytes, received: bytes
+) -> bytes:
+    """The seed of the mask two sites share (each derives it from its own mask key), bound to
+    ``received``, the digest of the weights and instruction the site was sent
+    (:func:`received_digest`): two sites sent different models derive different seeds, their
+    masks do not cancel, and the sum is noise.  (A coordinator that sent one site a model
+    whose update shows, and every other site one whose update vanishes, would otherwise read
+    that site's update off the sum: Pasquini et al., CCS 2022.)"""
+    return shared_key(own_private, other_public, "pairwise-mask", instance + received)
+
+
+def received_digest(config: dict[str, object], arrays: Iterable[tuple[str, bytes]]) -> bytes:
+    """SHA-256 of an instruction's config and the (name, bytes) of the weights sent with it."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, data in sorted(arrays):
+        digest.update(len(name).to_bytes(4, "little") + name.encode())
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.digest()
 
 
 def pairwise_sign(node: int, other: int) -> int:
