@@ -266,7 +266,10 @@ class SecureAggregator:
                 received = _received(masked_stages[node], sent[node])
                 seed = pairwise_seed(private, public[node][1], keys.instance, received)
                 add_into(total, mask(seed, total.size), -pairwise_sign(node, gone))
-        decoded = spec.decode(dequantize(total))
+        try:
+            decoded = spec.decode(dequantize(total))
+        except ValueError as exc:
+            raise AggregationFailed(f"the sum does not decode: {exc}") from None
         weight = decoded.metrics.get("num-examples", 0.0)
         outcome.quantisation_bound = quantisation_bound(len(survivors), weight)
         outcome.result = decoded

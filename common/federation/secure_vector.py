@@ -142,7 +142,12 @@ class VectorSpec:
         if total.size != self.length:
             raise ValueError(f"a sum of {total.size} entries, the layout has {self.length}")
         at = self.weights_size
-        counts = dict(zip(self.counts, np.rint(total[at : at + len(self.counts)]), strict=True))
+        raw = total[at : at + len(self.counts)]
+        # Counts enter the field exactly, so their sum is whole; a sum that is not was not
+        # unmasked right (a site or the coordinator left the protocol).
+        if raw.size and (np.max(np.abs(raw - np.rint(raw))) > 1e-6 or np.min(raw) < 0):
+            raise ValueError("its counts are not whole non-negative numbers")
+        counts = dict(zip(self.counts, np.rint(raw), strict=True))
         metrics: dict[str, float] = {key: float(value) for key, value in counts.items()}
         at += len(self.counts)
         for key, _ in self.averaged:
