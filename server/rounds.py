@@ -58,7 +58,14 @@ from fedct.common.model.classifier import bn_state_keys
 from fedct.common.run.directory import RunDirectory, round_record
 from fedct.server.central_eval import CentralEvaluator
 from fedct.server.global_model import GlobalModel
-from fedct.server.replies import Collected, collect, shortfall, split_replies, wait_for_nodes
+from fedct.server.replies import (
+    POLL_SECONDS,
+    Collected,
+    collect,
+    shortfall,
+    split_replies,
+    wait_for_nodes,
+)
 from fedct.server.roster import Roster, site_name
 from fedct.server.secagg import SecureAggregator, content_bytes
 from fedct.server.settings import ServerSettings
@@ -117,10 +124,11 @@ class Federation:
         self.secure: SecureAggregator | None = None
         if settings.secure_aggregation:
             self.secure = SecureAggregator(
-                lambda messages, minimum, timeout: self.exchange(
+                lambda messages, minimum, timeout, poll: self.exchange(
                     messages,
                     minimum=len(messages) if minimum is None else minimum,
                     timeout=timeout,
+                    poll=poll,
                 )[0],
                 self.roster,
                 degree=settings.secagg_degree,
@@ -161,12 +169,13 @@ class Federation:
         *,
         minimum: int | None = None,
         timeout: float | None = None,
+        poll: float = POLL_SECONDS,
     ) -> tuple[Collected, int, int]:
         """Send ``messages`` with their arrays packed in the transport dtype
         (common/federation/transport.py; the layout's fingerprint is in their config), and
         collect the replies up to the straggler deadline (server/replies.py): once
         ``minimum`` (default ``min-train-replies``) replies are in, within ``timeout``
-        (default ``round-timeout``).
+        (default ``round-timeout``), asking the SuperLink for replies every ``poll`` seconds.
 
         Returns the replies collected, the number of messages sent and the bytes of arrays
         sent.
@@ -190,6 +199,7 @@ class Federation:
             timeout=self.settings.round_timeout if timeout is None else timeout,
             minimum=self.settings.min_train_replies if minimum is None else minimum,
             factor=self.settings.straggler_factor,
+            poll=poll,
         )
         for reply in collected.replies:
             self.roster.learn_from(collected.node(reply), reply)

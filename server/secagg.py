@@ -67,13 +67,16 @@ from fedct.common.federation.secagg import (
     threshold_of,
 )
 from fedct.common.federation.secure_vector import SecureSum, VectorSpec
-from fedct.server.replies import Collected, split_replies
+from fedct.server.replies import POLL_SECONDS, Collected, split_replies
 from fedct.server.roster import Roster
 
 # Sends messages (packing their weights) and collects the replies: (messages, the successful
 # replies after which the straggler deadline starts, or None to wait for all; the timeout in
-# seconds, or None for round-timeout) -> the replies.
-Exchange = Callable[[list[Message], int | None, float | None], Collected]
+# seconds, or None for round-timeout; seconds between asking for replies) -> the replies.
+Exchange = Callable[[list[Message], int | None, float | None, float], Collected]
+# The short stages' replies come in fractions of a second (in simulation): asking every half
+# second, as for training, would add half a second to each.
+SHORT_STAGE_POLL = 0.1
 
 
 def content_bytes(message: Message) -> int:
@@ -314,9 +317,9 @@ class SecureAggregator:
         # The masked input (training) has the round's straggler deadline; the short stages wait
         # for every site up to secagg-stage-timeout.
         if name == "masked":
-            collected = self.exchange(messages, minimum, None)
+            collected = self.exchange(messages, minimum, None, POLL_SECONDS)
         else:
-            collected = self.exchange(messages, None, self.stage_timeout)
+            collected = self.exchange(messages, None, self.stage_timeout, SHORT_STAGE_POLL)
         ok, failed = split_replies(collected.replies)
         values: dict[int, Any] = {}
         for reply in ok:

@@ -75,7 +75,9 @@ def aggregator(grid: FakeGrid, *, degree: int = 0, threshold: float = 0.66) -> S
     replies, as the round loop does."""
     roster = Roster()
 
-    def exchange(messages: list[Message], minimum: int | None, timeout: float | None) -> Any:
+    def exchange(
+        messages: list[Message], minimum: int | None, timeout: float | None, poll: float
+    ) -> Any:
         wanted = len(messages) if minimum is None else minimum
         collected = collect(grid, messages, timeout=1, minimum=wanted, factor=2, poll=0.01)
         for reply in collected.replies:

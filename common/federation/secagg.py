@@ -201,7 +201,9 @@ def combine_secret(shares: Sequence[bytes], threshold: int) -> bytes:
 def mask(seed: bytes, length: int) -> np.ndarray:
     """``length`` uniform elements of the field from a 32-byte ``seed`` (AES-256-CTR)."""
     stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(stream.update(bytes(8 * length)), dtype=FIELD_DTYPE).copy()
+    out = bytearray(8 * length + 15)  # update_into wants a block's room beyond the data
+    stream.update_into(bytes(8 * length), out)
+    return np.frombuffer(out, dtype=FIELD_DTYPE, count=length)
 
 
 def pairwise_seed(
