@@ -24,7 +24,11 @@ What the keys mean (docs/federated.md has the run-config keys they come from):
   ``proximal-mu`` (Flower's FedProx sets it; 0 otherwise), ``train-max-slices`` and the DP
   keys of :data:`fedct.common.training.privacy.CONFIG_KEYS`;
 * evaluate: ``splits`` (``tune`` and/or ``test``) and, to ask for the operating point's score
-  histograms, ``tune-histogram-bins``.
+  histograms, ``tune-histogram-bins``;
+* secure aggregation (:class:`SecAggStage`, at the end of this module): four stages per phase,
+  message types ``train.secagg_*`` and ``evaluate.secagg_*``, each with its own keys and the
+  reply it allows (``reply_problems``); the masked-input stage carries a train or evaluate
+  instruction as above plus the sealed shares forwarded to the site.
 """
 
 from __future__ import annotations
