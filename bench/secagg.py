@@ -202,6 +202,19 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def simulate_once_more(
+    demo: DemoRun, run_dir: Path, changes: dict[str, Any], console: Console
+) -> tuple[RunDirectory, float, str | None]:
+    """:func:`simulate_fresh`, tried a second time when the first did not finish (on a
+    loaded machine Flower's local SuperLink may miss its 15 s to start); the first failure
+    is returned with the run, for the JSON."""
+    try:
+        return (*simulate_fresh(demo, run_dir, **changes), None)
+    except BenchError as first:
+        console.print(f"[yellow]{first}; trying once more[/]", highlight=False)
+        return (*simulate_fresh(demo, run_dir, **changes), str(first))
+
+
 def both(
     demo: DemoRun, name: str, changes: dict[str, Any], repeats: int, console: Console
 ) -> dict[str, Any]:
@@ -213,12 +226,14 @@ def both(
         for mode in order:
             console.print(f"[bold]{name}[/]: {mode} run {repeat + 1} …", highlight=False)
             before = os.getloadavg()[0]
-            run, wall = simulate_fresh(
+            run, wall, retried = simulate_once_more(
                 demo,
                 WORK / f"{name}-{mode}-{repeat + 1}",
-                **{**changes, "secure-aggregation": MODES[mode]},
+                {**changes, "secure-aggregation": MODES[mode]},
+                console,
             )
             figures = run_figures(run, wall, (before, os.getloadavg()[0]))
+            figures["retried_after"] = retried
             if any(r["sites"] == 0 for r in figures["rounds"]):
                 raise BenchError(f"{name} {mode}: a round without a site")
             runs[mode].append(figures)
@@ -374,19 +389,26 @@ def main() -> None:
     console = Console(stderr=True)
     began = time.perf_counter()
     result: dict[str, Any] = {"machine": machine(), "load_average_start": os.getloadavg()}
+    result["sizes"] = sizes = []
+
+    def save() -> None:  # after every part: a later failure keeps what was measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
     try:
-        sizes = [
-            {"name": f"tiny-{n}", **tiny_size(n, args.rounds, args.cpus, args.repeats, console)}
-            for n in args.sites
-        ]
+        for n in args.sites:
+            sizes.append(
+                {"name": f"tiny-{n}", **tiny_size(n, args.rounds, args.cpus, args.repeats, console)}
+            )
+            save()
         if not args.no_demo:
             demo_figures = demo_size(args.config, args.set, args.demo_repeats, console)
             sizes.append({"name": "demo", **demo_figures})
-        result["sizes"] = sizes
+            save()
         if args.poisoning:
             result["poisoning"] = poisoning(args.config, args.set, console)
     except BENCH_ERRORS as exc:
-        raise SystemExit(f"bench.secagg: {exc}") from None
+        raise SystemExit(f"bench.secagg: {exc} (figures so far in {args.out})") from None
     demo = next((s for s in result["sizes"] if s["name"] == "demo"), None)
     result["target"] = {
         "demo_round_ratio_at_most": TARGET,
@@ -395,8 +417,7 @@ def main() -> None:
     }
     result["load_average_end"] = os.getloadavg()
     result["wall_seconds"] = round(time.perf_counter() - began, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    save()
     Console().print(size_table(result["sizes"]))
     if "poisoning" in result:
         Console().print(json.dumps(result["poisoning"], indent=2))
