@@ -6,16 +6,22 @@ the node config) before it reads any data.  The site is taken from the node conf
 (``data-path``, ``site``, optional ``device``) or, in simulation, from ``partition-id`` and the
 run config's ``site-caches``: see :mod:`fedct.client.site_data`.  Replies carry one ArrayRecord
 (train only), one MetricRecord whose keys the protocol fixes, and a ``site`` ConfigRecord with
-the site's name.  Two mods wrap the handlers: :mod:`fedct.client.site_errors` turns every
-failure into an error reply in fixed words, and, outermost, :mod:`fedct.client.egress` checks
-and audits every reply on its way out.
+the site's name.  With secure aggregation the coordinator sends the four stages of
+client/secagg.py instead (message types ``train.secagg_*`` and ``evaluate.secagg_*``), whose
+replies carry only the stage's record and the site's name; the site keeps the protocol's
+state between them in ``context.state``.  A site whose policy requires secure aggregation
+refuses plain train and evaluate messages.  Two mods wrap the handlers:
+:mod:`fedct.client.site_errors` turns every failure into an error reply in fixed words, and,
+outermost, :mod:`fedct.client.egress` checks and audits every reply on its way out.
 """
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
+from fedct.client import secagg
 from fedct.client.egress import egress_guard
 from fedct.client.local import evaluate_site, train_site
 from fedct.client.site_data import Site, resolve_site
@@ -24,6 +30,8 @@ from fedct.client.site_policy import SitePolicy
 from fedct.common.federation.messages import (
     ARRAYS_RECORD,
     METRICS_RECORD,
+    SECAGG_STAGE_CLASSES,
+    SECAGG_STAGES,
     SITE_KEY,
     SITE_RECORD,
     EvaluateInstruction,
@@ -49,6 +57,7 @@ def train(message: Message, context: Context) -> Message:
     """Train the received global model on this site's train split."""
     instruction, arrays = TrainInstruction.from_message(message)
     policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_plain()
     site = resolve_site(context.node_config, context.run_config)
     new_arrays, metrics = train_site(site, instruction, arrays, policy)
     return _reply(message, site, metrics, new_arrays)
@@ -60,5 +69,28 @@ def evaluate(message: Message, context: Context) -> Message:
     the tune split's score histograms for the federated operating point)."""
     instruction, arrays = EvaluateInstruction.from_message(message)
     policy = SitePolicy.from_node_config(context.node_config)
+    policy.check_plain()
     site = resolve_site(context.node_config, context.run_config)
     return _reply(message, site, evaluate_site(site, instruction, arrays, policy))
+
+
+def _secure_aggregation_stage(name: str) -> ClientAppCallable:
+    def handle(message: Message, context: Context) -> Message:
+        stage, arrays = SECAGG_STAGE_CLASSES[name].from_message(message)
+        policy = SitePolicy.from_node_config(context.node_config)
+        site = resolve_site(context.node_config, context.run_config)
+        record_name, record = secagg.handle(
+            stage, arrays, site, context.node_id, context.state, policy
+        )
+        content = RecordDict(
+            {record_name: record, SITE_RECORD: ConfigRecord({SITE_KEY: site.name})}
+        )
+        return Message(content=content, reply_to=message)
+
+    handle.__doc__ = f"The {name} stage of a secure aggregation (client/secagg.py)."
+    return handle
+
+
+for _stage in SECAGG_STAGES:
+    app.train(_stage)(_secure_aggregation_stage(_stage))
+    app.evaluate(_stage)(_secure_aggregation_stage(_stage))

@@ -15,6 +15,13 @@ exactly what :func:`~fedct.common.federation.messages.reply_rules` allows for it
   histograms, when asked for, exactly as many non-negative integer counts as the site's
   policy allowed bins;
 * ``site``: one key, ``name``, this site's name: the only string;
+* a secure-aggregation stage (client/secagg.py) instead: its own record and nothing else —
+  two public keys of 32 bytes; sealed shares of the exact size for exactly the neighbours
+  the message named; one masked vector in the field's dtype (uint64) of exactly the length of
+  the input the instruction describes (common/federation/secure_vector.py); shares of the
+  exact size for no site but those the protocol lets this site reveal (itself and the
+  neighbours it masked with, seed shares only for survivors and key shares only for the
+  dropped);
 * an error reply: a reason of the fixed vocabulary (common/federation/site_error.py) naming
   this site; any other error text is replaced.
 
@@ -31,40 +38,49 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import Array, Context, Message, MessageType
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 
 from fedct.client.audit_log import AUDIT_FILE, append_line, audit_log_path
+from fedct.client.model_layout import local_entries, model_layout
+from fedct.client.secagg import revealable
 from fedct.client.site_data import declared_name, resolve_site
 from fedct.client.site_errors import error_reply, issued_errors
 from fedct.common.federation.messages import (
     ARRAYS_RECORD,
     COVID_KEY,
+    MASKED_ARRAY,
+    MASKED_RECORD,
     METRICS_RECORD,
     OTHER_KEY,
+    SECAGG_RECORD,
+    SECAGG_STAGES,
     SITE_KEY,
     SITE_RECORD,
     Instruction,
+    SecAggMasked,
+    SecAggStage,
+    SecAggUnmask,
     TrainInstruction,
     histogram_fits,
-    read_instruction,
+    read_message,
+    record_bytes,
     reply_rules,
 )
+from fedct.common.federation.secagg import FIELD_DTYPE
+from fedct.common.federation.secure_vector import VectorSpec
 from fedct.common.federation.site_error import (
     MAX_REASON,
     SiteRefusal,
     fixed_reason,
     site_error_reason,
 )
-from fedct.common.federation.transport import Layout
-from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
 
 _SHOWN_NAMES = 5
 
@@ -76,17 +92,6 @@ class Violation:
 
     kind: str
     detail: str
-
-
-@lru_cache(maxsize=4)
-def model_layout(cfg: ModelConfig) -> Layout:
-    """The travelling-state layout of the model of ``cfg``.  Built on the meta device and
-    materialised uninitialised: nothing is computed, and no pretrained weights are read."""
-    cfg = cfg.without_weights()
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.to_empty(device="cpu")
-    return Layout.of(travelling_state(model, cfg))
 
 
 def _names(names: Iterable[str]) -> str:
@@ -110,7 +115,14 @@ def _array_violations(instruction: Instruction, reply: Message) -> list[Violatio
     if record is None:
         return []
     layout = model_layout(instruction.model)
-    expected = layout.packed_shapes(instruction.transport_dtype)
+    return _arrays_fit(record, layout.packed_shapes(instruction.transport_dtype))
+
+
+def _arrays_fit(
+    record: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]
+) -> list[Violation]:
+    """What breaks the rule that ``record`` holds exactly the ``expected`` arrays (name →
+    shape, dtype), their bytes exactly those of their shape."""
     out = []
     if extra := set(record) - set(expected):
         out.append(Violation("arrays that are not the model's", f"unexpected {_names(extra)}"))
@@ -164,14 +176,55 @@ def _site_violations(reply: Message, site_name: str) -> list[Violation]:
     return []
 
 
-def violations(instruction: Instruction, reply: Message, site_name: str) -> list[Violation]:
-    """Every rule of the module docstring that ``reply`` (to ``instruction``) breaks."""
+def violations(
+    instruction: Instruction | SecAggStage,
+    reply: Message,
+    site_name: str,
+    context: Context | None = None,
+) -> list[Violation]:
+    """Every rule of the module docstring that ``reply`` (to ``instruction``) breaks;
+    ``context`` holds the site's record of a secure aggregation (for its unmask stage)."""
+    if isinstance(instruction, SecAggStage):
+        return [
+            *_stage_violations(instruction, reply, context),
+            *_site_violations(reply, site_name),
+        ]
     return [
         *_record_violations(instruction, reply),
         *_array_violations(instruction, reply),
         *_metric_violations(instruction, reply),
         *_site_violations(reply, site_name),
     ]
+
+
+def _stage_violations(
+    stage: SecAggStage, reply: Message, context: Context | None
+) -> list[Violation]:
+    expected = {**stage.reply_records, SITE_RECORD: "ConfigRecord"}
+    found = {name: type(record).__name__ for name, record in reply.content.items()}
+    if found != expected:
+        return [Violation("records other than the protocol's", f"records {_names(found)}")]
+    if problems := stage.reply_problems(reply):
+        kind = "secure-aggregation values outside the protocol's rules"
+        return [Violation(kind, _names(problems))]
+    if isinstance(stage, SecAggMasked):
+        instruction = stage.instruction
+        spec = VectorSpec.for_instruction(
+            instruction,
+            model_layout(instruction.model),
+            local_entries(instruction.model, instruction.fedbn),
+        )
+        shapes = {MASKED_ARRAY: ((spec.length,), str(np.dtype(FIELD_DTYPE)))}
+        return _arrays_fit(reply.content.array_records[MASKED_RECORD], shapes)
+    if isinstance(stage, SecAggUnmask):
+        allowed = revealable(context.state, stage) if context is not None else None
+        record = reply.content.config_records[SECAGG_RECORD]
+        if allowed is None:
+            return [Violation("unmask shares without a finished aggregation", "")]
+        seeds, keys = set(record["seed-nodes"]), set(record["key-nodes"])
+        if not (seeds <= allowed[0] and keys <= allowed[1]) or seeds & keys:
+            return [Violation("unmask shares of sites the protocol does not allow", "")]
+    return []
 
 
 def describe(reply: Message) -> dict[str, Any]:
@@ -184,7 +237,7 @@ def describe(reply: Message) -> dict[str, Any]:
             for name, record in content.array_records.items()
         },
         "metric_keys": {name: list(record) for name, record in content.metric_records.items()},
-        "bytes": sum(record.count_bytes() for record in content.values()),
+        "bytes": sum(record_bytes(record) for record in content.values()),
     }
 
 
@@ -202,9 +255,9 @@ def node_audit_log(context: Context) -> Path | None:
         return None
 
 
-def _parsed(message: Message) -> Instruction | None:
+def _parsed(message: Message) -> Instruction | SecAggStage | None:
     try:
-        return read_instruction(message)[0]
+        return read_message(message)[0]
     except SiteRefusal:
         return None
 
@@ -237,7 +290,7 @@ def _checked(
     if instruction is None:
         found = [Violation("a reply to a message the schema refuses", "")]
     else:
-        found = violations(instruction, reply, site)
+        found = violations(instruction, reply, site, context)
     fields = {**describe(reply), "blocked": bool(found)}
     fields["reasons"] = [f"{v.kind}: {v.detail}" if v.detail else v.kind for v in found]
     if not found:
@@ -250,7 +303,10 @@ def _checked(
 
 def _type(message: Message) -> str:
     kind = message.metadata.message_type
-    return kind if kind in (MessageType.TRAIN, MessageType.EVALUATE) else "other"
+    category, _, action = kind.partition(".")
+    plain = kind in (MessageType.TRAIN, MessageType.EVALUATE)
+    secure = category in (MessageType.TRAIN, MessageType.EVALUATE) and action in SECAGG_STAGES
+    return kind if plain or secure else "other"
 
 
 def egress_guard(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

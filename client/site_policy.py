@@ -21,6 +21,22 @@ Node-config keys, their defaults, and why:
   one sends zeros.
 - ``dp-delta`` (0.1 / the site's patients): the δ at which the site's ε budget is checked; a
   run's larger δ is refused (client/dp.py).
+- ``require-secure-aggregation`` (false): the site sends its model and metrics only through
+  secure aggregation; plain train and evaluate messages are refused, so a coordinator cannot
+  switch the protection off for this site.
+- ``secagg-min-sites`` (3): the fewest participants of a secure aggregation the site joins
+  (with two, each site reads the other's update off the next global model).
+- ``secagg-min-degree`` (10): the fewest neighbours the site accepts in the SecAgg+ graph (all
+  other participants where there are fewer): its input is hidden unless the coordinator learns
+  the masks it shares with every one of them.
+- ``secagg-min-threshold`` (0.6): the smallest fraction of the holders of a site's shares the
+  coordinator must hear from to rebuild a secret.  Holders reveal one of a site's two secrets,
+  never both, so a coordinator that wants both needs 2t - (degree + 1) holders colluding with
+  it; 0.6 keeps that above a fifth of them.
+
+The secure-aggregation rules bound what a hostile coordinator can ask of the protocol (client/
+secagg.py checks every stage against what the site saw); what they cannot stop is in
+docs/threat-model.md.
 
 The histogram rules bound the resolution at which a coordinator sees the tune split's scores:
 with at most 64 bins over at least 10 scans, the histograms show the scores' distribution,
@@ -32,13 +48,14 @@ what the site's DP budget is for (docs/privacy.md, docs/threat-model.md).
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from fedct.client.site_data import SiteConfigError
 from fedct.common.config_keys import fits, kind_text
-from fedct.common.federation.messages import Instruction, TrainInstruction
+from fedct.common.federation.messages import Instruction, SecAggKeys, TrainInstruction
 from fedct.common.federation.site_error import PolicyError, number
 
 DEFAULT_BACKBONES = (
@@ -56,6 +73,10 @@ NODE_KEYS = {
     "max_histogram_bins": "max-histogram-bins",
     "min_histogram_scans": "min-histogram-scans",
     "dp_delta": "dp-delta",
+    "require_secure_aggregation": "require-secure-aggregation",
+    "secagg_min_sites": "secagg-min-sites",
+    "secagg_min_degree": "secagg-min-degree",
+    "secagg_min_threshold": "secagg-min-threshold",
 }
 
 
@@ -70,6 +91,10 @@ class SitePolicy:
     max_histogram_bins: int = 64
     min_histogram_scans: int = 10
     dp_delta: float = 0.0
+    require_secure_aggregation: bool = False
+    secagg_min_sites: int = 3
+    secagg_min_degree: int = 10
+    secagg_min_threshold: float = 0.6
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
@@ -105,6 +130,12 @@ class SitePolicy:
             raise SiteConfigError("node config min-histogram-scans must be at least 1")
         if not 0 <= self.dp_delta < 1:
             raise SiteConfigError("node config dp-delta must be in (0, 1), or 0 for the default")
+        if self.secagg_min_sites < 3:
+            raise SiteConfigError("node config secagg-min-sites must be at least 3")
+        if self.secagg_min_degree < 2:
+            raise SiteConfigError("node config secagg-min-degree must be at least 2")
+        if not 0.5 <= self.secagg_min_threshold <= 1:
+            raise SiteConfigError("node config secagg-min-threshold must be in [0.5, 1]")
 
     def check(self, instruction: Instruction, own_slice_chunk: int | None = None) -> None:
         """PolicyError for the first thing ``instruction`` asks beyond this policy; the
@@ -123,6 +154,32 @@ class SitePolicy:
         bins = getattr(instruction, "histogram_bins", None)
         if bins is not None and bins > self.max_histogram_bins:
             self._refuse("tune-histogram-bins", bins, self.max_histogram_bins)
+
+    def check_plain(self) -> None:
+        """PolicyError for a plain train or evaluate message at a site that sends its model and
+        metrics only through secure aggregation."""
+        if self.require_secure_aggregation:
+            raise PolicyError(
+                "the site answers only through secure aggregation (require-secure-aggregation)"
+            )
+
+    def check_secure_aggregation(self, stage: SecAggKeys) -> None:
+        """PolicyError for a secure aggregation weaker than this policy accepts."""
+        sites = len(stage.participants)
+        if sites < self.secagg_min_sites:
+            raise PolicyError(
+                f"secure aggregation over {sites} sites < {self.secagg_min_sites} "
+                "(secagg-min-sites)"
+            )
+        degree = min(self.secagg_min_degree, sites - 1)
+        if stage.degree < degree:
+            raise PolicyError(f"secagg-degree {stage.degree} < {degree} (secagg-min-degree)")
+        needed = math.ceil(self.secagg_min_threshold * stage.holders - 1e-9)
+        if stage.threshold < needed:
+            raise PolicyError(
+                f"secagg-threshold {stage.threshold} of {stage.holders} holders < "
+                f"{self.secagg_min_threshold:g} of them (secagg-min-threshold)"
+            )
 
     @staticmethod
     def _refuse(key: str, asked: float, bound: float) -> None:

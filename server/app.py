@@ -76,6 +76,7 @@ def _run(grid: Grid, context: Context, settings: ServerSettings, run_dir: RunDir
         server_lr=settings.server_lr,
         client_lr=settings.training.lr,
         statistics_keys=model.statistics_keys(),
+        malicious_sites=settings.malicious_sites,
     )
     run_key, first_round, roster = _open_run(settings, run_dir, model, strategy)
     run_dir.write_json(

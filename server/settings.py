@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, UserConfig
 from fedct.common.cache.scan_index import verify_cache
 from fedct.common.cache.store import CacheError
 from fedct.common.federation.messages import MAX_BINS, EvaluateInstruction, TrainInstruction
+from fedct.common.federation.secagg import MAX_SITES
 from fedct.common.federation.site_error import SchemaError
 from fedct.common.federation.transport import TRANSPORT_DTYPES
 from fedct.common.metrics.pooled_operating_point import HIST_RULES
@@ -28,7 +29,7 @@ from fedct.common.model.classifier import ModelConfig
 from fedct.common.model.weights import WeightsError, check_weights_available, weights_spec
 from fedct.common.training.loop import TrainConfig
 from fedct.common.training.privacy import DPSettings
-from fedct.server.strategies import STRATEGIES
+from fedct.server.strategies import ROBUST_STRATEGIES, STRATEGIES
 
 FLOWER_APP_FILE = "flower_app.toml"
 LR_SCHEDULES = ("constant", "cosine")
@@ -140,6 +141,11 @@ class ServerSettings:
     lr_schedule: str
     straggler_factor: float
     superlink_grace: float
+    secure_aggregation: bool = False
+    secagg_degree: int = 20
+    secagg_threshold: float = 0.66
+    secagg_stage_timeout: float = 300.0
+    malicious_sites: int = 1
 
     @classmethod
     def from_run_config(cls, run_config: UserConfig) -> ServerSettings:
@@ -197,6 +203,11 @@ class ServerSettings:
             lr_schedule=str(get("lr-schedule")).strip().lower(),
             straggler_factor=float(get("straggler-factor")),
             superlink_grace=float(get("superlink-grace")),
+            secure_aggregation=bool(get("secure-aggregation")),
+            secagg_degree=int(get("secagg-degree")),
+            secagg_threshold=float(get("secagg-threshold")),
+            secagg_stage_timeout=float(get("secagg-stage-timeout")),
+            malicious_sites=int(get("malicious-sites")),
         )
         settings.check()
         settings.check_instructions()
@@ -246,8 +257,41 @@ class ServerSettings:
             problems.append("straggler-factor must be 0 (off) or at least 1")
         if self.superlink_grace <= 0:
             problems.append("superlink-grace must be positive")
+        if not 0 <= self.secagg_degree <= MAX_SITES - 1:
+            problems.append(f"secagg-degree must be in [0, {MAX_SITES - 1}] (0: every other site)")
+        if not 0.5 < self.secagg_threshold <= 1:
+            problems.append("secagg-threshold must be in (0.5, 1]")
+        if self.secagg_stage_timeout <= 0:
+            problems.append("secagg-stage-timeout must be positive")
+        if self.malicious_sites < 0:
+            problems.append("malicious-sites must be >= 0")
+        problems += self._secure_aggregation_conflicts()
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
+
+    def _secure_aggregation_conflicts(self) -> list[str]:
+        """What secure aggregation cannot run with: whatever needs one site's model or
+        metrics, and federations where the sum would show one site's update."""
+        if not self.secure_aggregation:
+            return []
+        problems = []
+        if self.strategy in ROBUST_STRATEGIES:
+            problems.append(
+                f"strategy {self.strategy} compares the sites' updates, which "
+                "secure-aggregation hides from the coordinator: use fedavg, fedprox, fedadam "
+                "or fedbn, or secure-aggregation = false"
+            )
+        if self.cross_site:
+            problems.append(
+                "cross-site validation scores each site's own model and reports each site's "
+                "metrics, which secure-aggregation hides: set cross-site = false"
+            )
+        if self.min_train_nodes < 3:
+            problems.append(
+                "secure-aggregation needs min-train-nodes >= 3 (of two sites, each reads the "
+                "other's update off the next global model)"
+            )
+        return problems
 
     @property
     def min_nodes(self) -> int:

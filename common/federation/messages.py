@@ -24,7 +24,11 @@ What the keys mean (docs/federated.md has the run-config keys they come from):
   ``proximal-mu`` (Flower's FedProx sets it; 0 otherwise), ``train-max-slices`` and the DP
   keys of :data:`fedct.common.training.privacy.CONFIG_KEYS`;
 * evaluate: ``splits`` (``tune`` and/or ``test``) and, to ask for the operating point's score
-  histograms, ``tune-histogram-bins``.
+  histograms, ``tune-histogram-bins``;
+* secure aggregation (:class:`SecAggStage`, at the end of this module): four stages per phase,
+  message types ``train.secagg_*`` and ``evaluate.secagg_*``, each with its own keys and the
+  reply it allows (``reply_problems``); the masked-input stage carries a train or evaluate
+  instruction as above plus the sealed shares forwarded to the site.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ from typing import Any, ClassVar, Self
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 
 from fedct.common.config_keys import fits, kind_text
+from fedct.common.federation.secagg import (
+    CIPHERTEXT_BYTES,
+    KEY_BYTES,
+    MAX_SITES,
+    PHASES,
+    SHARE_BYTES,
+    instance_id,
+    valid_degree,
+)
 from fedct.common.federation.site_error import SchemaError, number
 from fedct.common.federation.transport import LAYOUT_KEY, TRANSPORT_DTYPES
 from fedct.common.metrics.classification import SUMMARY_KEYS
@@ -81,6 +94,7 @@ class Key:
     kind: type
     check: Callable[[Any], bool] = lambda value: True
     wants: str = ""
+    kind_words: str = ""  # how a reason names ``kind`` where kind_text has no words for it
 
 
 def _range(kind: type, low: float, high: float, *, open_low: bool = False) -> Key:
@@ -164,7 +178,7 @@ def read_config(
         spec = keys.get(key) or optional[key]
         value = config[key]
         if not fits(value, spec.kind):
-            raise SchemaError(f"{key!r} must be {kind_text(spec.kind)}")
+            raise SchemaError(f"{key!r} must be {spec.kind_words or kind_text(spec.kind)}")
         if not spec.check(value):
             shown = f" {number(value)}" if spec.kind in (int, float) else ""
             raise SchemaError(f"{key!r}{shown} is not {spec.wants}")
@@ -411,3 +425,400 @@ def histogram_fits(value: Any, bins: int) -> bool:
         and len(value) == bins
         and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     )
+
+
+# Secure aggregation (SecAgg+, common/federation/secagg.py): four stages per aggregation, each
+# a message of type "<phase>.<stage>" (phase "train" or "evaluate").  The site keeps what it
+# must remember between them (client/secagg.py) and checks every stage against it.
+SECAGG_RECORD = "secagg"
+MASKED_RECORD = "masked"
+MASKED_ARRAY = "vector"
+KEYS_STAGE, SHARES_STAGE, MASKED_STAGE, UNMASK_STAGE = (
+    "secagg_keys",
+    "secagg_shares",
+    "secagg_masked",
+    "secagg_unmask",
+)
+SECAGG_STAGES = (KEYS_STAGE, SHARES_STAGE, MASKED_STAGE, UNMASK_STAGE)
+NODES_KEY = "secagg-nodes"
+SHARES_KEY = "secagg-shares"
+_MAX_NODE = 2**64 - 1
+
+
+def _is_node(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_NODE
+
+
+def _nodes_ok(value: Any, low: int, high: int) -> bool:
+    return (
+        isinstance(value, list)
+        and low <= len(value) <= high
+        and all(_is_node(v) for v in value)
+        and all(a < b for a, b in zip(value, value[1:], strict=False))
+    )
+
+
+def _bytes_ok(value: Any, size: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_SITES
+        and all(isinstance(v, bytes) and len(v) == size for v in value)
+    )
+
+
+def _node_list(low: int) -> Key:
+    return Key(
+        list,
+        lambda value: _nodes_ok(value, low, MAX_SITES),
+        f"a list of {low} to {MAX_SITES} node ids in increasing order",
+        "a list",
+    )
+
+
+def _byte_list(size: int) -> Key:
+    return Key(
+        list, lambda value: _bytes_ok(value, size), f"a list of {size}-byte values", "a list"
+    )
+
+
+SECAGG_COMMON_KEYS: dict[str, Key] = {
+    "server-round": _range(int, 1, MAX_ROUNDS),
+    "run-key": _pattern(_RUN_KEY, "1 to 128 letters, digits, '.', '_' or '-'"),
+}
+
+
+def _phase_of(message: Message, stage: str) -> str:
+    category, _, action = message.metadata.message_type.partition(".")
+    if action != stage or category not in PHASES:
+        raise SchemaError(f"a {stage} handler got another message type")
+    return category
+
+
+def _reply_record(message: Message, name: str, kind: type) -> Any:
+    record = message.content.get(name) if name in message.content else None
+    return record if isinstance(record, kind) else None
+
+
+@dataclass(frozen=True)
+class SecAggStage(ABC):
+    """One stage of a secure aggregation: its phase, round and run key name the instance
+    (:func:`~fedct.common.federation.secagg.instance_id`)."""
+
+    stage: ClassVar[str]
+    keys: ClassVar[Mapping[str, Key]]
+    # What the reply holds besides the ``site`` record: record name → record type.
+    reply_records: ClassVar[Mapping[str, str]] = {SECAGG_RECORD: "ConfigRecord"}
+
+    phase: str
+    server_round: int
+    run_key: str
+
+    @property
+    def message_type(self) -> str:
+        return f"{self.phase}.{self.stage}"
+
+    @property
+    def instance(self) -> bytes:
+        return instance_id(self.run_key, self.server_round, self.phase)
+
+    def _common(self) -> dict[str, Any]:
+        return {"server-round": self.server_round, "run-key": self.run_key}
+
+    @abstractmethod
+    def to_config(self) -> dict[str, Any]:
+        """The message's config keys and values."""
+
+    def to_record(self) -> ConfigRecord:
+        """The message's config record, checked against the schema."""
+        record = ConfigRecord(self.to_config())
+        type(self).from_record(self.phase, record)
+        return record
+
+    @classmethod
+    @abstractmethod
+    def from_record(cls, phase: str, config: ConfigRecord) -> SecAggStage:
+        """The stage of a message's config; SchemaError if it breaks the schema."""
+
+    @classmethod
+    def from_message(cls, message: Message) -> tuple[SecAggStage, ArrayRecord | None]:
+        """The stage (and the weights, for the masked input) of a message of this stage."""
+        phase = _phase_of(message, cls.stage)
+        records = {name: type(record).__name__ for name, record in message.content.items()}
+        if records != cls.message_records():
+            raise SchemaError(f"a {cls.stage} message holds other records than the protocol's")
+        arrays = message.content.array_records.get(ARRAYS_RECORD)
+        return cls.from_record(phase, message.content.config_records[CONFIG_RECORD]), arrays
+
+    @classmethod
+    def message_records(cls) -> dict[str, str]:
+        return {CONFIG_RECORD: "ConfigRecord"}
+
+    @abstractmethod
+    def reply_problems(self, reply: Message) -> list[str]:
+        """The keys or arrays of a reply's stage record that break this stage's rules."""
+
+
+@dataclass(frozen=True)
+class SecAggKeys(SecAggStage):
+    """Stage 1: make this instance's two key pairs and advertise their public halves.
+    ``participants`` are the sampled sites, ``degree`` the graph's degree among them and
+    ``threshold`` the shares (of the degree + 1 holders) that rebuild a secret."""
+
+    stage: ClassVar[str] = KEYS_STAGE
+    keys: ClassVar[Mapping[str, Key]] = {
+        **SECAGG_COMMON_KEYS,
+        "secagg-participants": _node_list(3),
+        "secagg-degree": _range(int, 2, MAX_SITES - 1),
+        "secagg-threshold": _range(int, 2, MAX_SITES),
+    }
+
+    participants: tuple[int, ...]
+    degree: int
+    threshold: int
+
+    @property
+    def holders(self) -> int:
+        """Sites holding shares of a site's secrets: its neighbours and itself."""
+        return self.degree + 1
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            **self._common(),
+            "secagg-participants": list(self.participants),
+            "secagg-degree": self.degree,
+            "secagg-threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_record(cls, phase: str, config: ConfigRecord) -> SecAggKeys:
+        values = read_config(config, cls.keys)
+        participants = tuple(values["secagg-participants"])
+        degree, threshold = values["secagg-degree"], values["secagg-threshold"]
+        if not valid_degree(degree, len(participants)):
+            raise SchemaError(
+                "'secagg-degree' must be the participants less one, or even and smaller"
+            )
+        if not (degree + 1) // 2 < threshold <= degree + 1:
+            raise SchemaError("'secagg-threshold' must be a majority of the degree + 1 holders")
+        return cls(
+            phase, values["server-round"], values["run-key"], participants, degree, threshold
+        )
+
+    def reply_problems(self, reply: Message) -> list[str]:
+        record = _reply_record(reply, SECAGG_RECORD, ConfigRecord)
+        if record is None:
+            return [SECAGG_RECORD]
+        wanted = {"encryption-key", "mask-key"}
+        problems = sorted(set(record) ^ wanted)
+        problems += [
+            key
+            for key in sorted(wanted & set(record))
+            if not (isinstance(record[key], bytes) and len(record[key]) == KEY_BYTES)
+        ]
+        return problems
+
+
+@dataclass(frozen=True)
+class SecAggShares(SecAggStage):
+    """Stage 2: split this instance's secrets among the site and ``nodes`` (its neighbours
+    that advertised keys, whose public keys come in the same order) and seal each
+    neighbour's shares for it."""
+
+    stage: ClassVar[str] = SHARES_STAGE
+    keys: ClassVar[Mapping[str, Key]] = {
+        **SECAGG_COMMON_KEYS,
+        NODES_KEY: _node_list(1),
+        "secagg-encryption-keys": _byte_list(KEY_BYTES),
+        "secagg-mask-keys": _byte_list(KEY_BYTES),
+    }
+
+    nodes: tuple[int, ...]
+    encryption_keys: tuple[bytes, ...]
+    mask_keys: tuple[bytes, ...]
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            **self._common(),
+            NODES_KEY: list(self.nodes),
+            "secagg-encryption-keys": list(self.encryption_keys),
+            "secagg-mask-keys": list(self.mask_keys),
+        }
+
+    @classmethod
+    def from_record(cls, phase: str, config: ConfigRecord) -> SecAggShares:
+        values = read_config(config, cls.keys)
+        nodes = tuple(values[NODES_KEY])
+        encryption, masks = values["secagg-encryption-keys"], values["secagg-mask-keys"]
+        if not len(nodes) == len(encryption) == len(masks):
+            raise SchemaError(f"{NODES_KEY!r} and the key lists differ in length")
+        return cls(
+            phase,
+            values["server-round"],
+            values["run-key"],
+            nodes,
+            tuple(encryption),
+            tuple(masks),
+        )
+
+    def reply_problems(self, reply: Message) -> list[str]:
+        record = _reply_record(reply, SECAGG_RECORD, ConfigRecord)
+        if record is None:
+            return [SECAGG_RECORD]
+        problems = sorted(set(record) ^ {"nodes", "shares"})
+        if "nodes" in record and record["nodes"] != list(self.nodes):
+            problems.append("nodes")
+        shares = record.get("shares")
+        if "shares" in record and not (
+            _bytes_ok(shares, CIPHERTEXT_BYTES) and len(shares) == len(self.nodes)
+        ):
+            problems.append("shares")
+        return problems
+
+
+@dataclass(frozen=True)
+class SecAggMasked(SecAggStage):
+    """Stage 3: do what ``instruction`` asks (train, or score), and send the result as the
+    protocol's input (common/federation/secure_vector.py) plus the self mask and the masks
+    shared with ``nodes``, whose sealed shares for this site come in ``shares``."""
+
+    stage: ClassVar[str] = MASKED_STAGE
+    keys: ClassVar[Mapping[str, Key]] = {
+        NODES_KEY: Key(
+            list,
+            lambda value: _nodes_ok(value, 0, MAX_SITES),
+            f"a list of at most {MAX_SITES} node ids in increasing order",
+            "a list",
+        ),
+        SHARES_KEY: _byte_list(CIPHERTEXT_BYTES),
+    }
+    reply_records: ClassVar[Mapping[str, str]] = {MASKED_RECORD: "ArrayRecord"}
+
+    instruction: TrainInstruction | EvaluateInstruction
+    nodes: tuple[int, ...]
+    shares: tuple[bytes, ...]
+
+    @classmethod
+    def of(
+        cls,
+        instruction: TrainInstruction | EvaluateInstruction,
+        nodes: tuple[int, ...],
+        shares: tuple[bytes, ...],
+    ) -> SecAggMasked:
+        phase = "train" if isinstance(instruction, TrainInstruction) else "evaluate"
+        return cls(phase, instruction.server_round, instruction.run_key, instruction, nodes, shares)
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            **self.instruction.to_config(),
+            NODES_KEY: list(self.nodes),
+            SHARES_KEY: list(self.shares),
+        }
+
+    @classmethod
+    def message_records(cls) -> dict[str, str]:
+        return {ARRAYS_RECORD: "ArrayRecord", CONFIG_RECORD: "ConfigRecord"}
+
+    @classmethod
+    def from_record(cls, phase: str, config: ConfigRecord) -> SecAggMasked:
+        own = {key: config[key] for key in cls.keys if key in config}
+        values = read_config(own, cls.keys)
+        rest = ConfigRecord({key: value for key, value in config.items() if key not in cls.keys})
+        kind = TrainInstruction if phase == "train" else EvaluateInstruction
+        nodes, shares = tuple(values[NODES_KEY]), tuple(values[SHARES_KEY])
+        if len(nodes) != len(shares):
+            raise SchemaError(f"{NODES_KEY!r} and {SHARES_KEY!r} differ in length")
+        return cls.of(kind.from_record(rest), nodes, shares)
+
+    def reply_problems(self, reply: Message) -> list[str]:
+        """The vector's length is the guard's to check (it depends on the model)."""
+        record = _reply_record(reply, MASKED_RECORD, ArrayRecord)
+        if record is None:
+            return [MASKED_RECORD]
+        return sorted(set(record) ^ {MASKED_ARRAY})
+
+
+@dataclass(frozen=True)
+class SecAggUnmask(SecAggStage):
+    """Stage 4: ``survivors`` sent their masked inputs, ``dropped`` shared keys and did not:
+    send the self-mask seed shares held for survivors and the mask-key shares held for the
+    dropped, never both for one site."""
+
+    stage: ClassVar[str] = UNMASK_STAGE
+    keys: ClassVar[Mapping[str, Key]] = {
+        **SECAGG_COMMON_KEYS,
+        "secagg-survivors": _node_list(2),
+        "secagg-dropped": Key(
+            list,
+            lambda value: _nodes_ok(value, 0, MAX_SITES),
+            f"a list of at most {MAX_SITES} node ids in increasing order",
+            "a list",
+        ),
+    }
+
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            **self._common(),
+            "secagg-survivors": list(self.survivors),
+            "secagg-dropped": list(self.dropped),
+        }
+
+    @classmethod
+    def from_record(cls, phase: str, config: ConfigRecord) -> SecAggUnmask:
+        values = read_config(config, cls.keys)
+        survivors, dropped = tuple(values["secagg-survivors"]), tuple(values["secagg-dropped"])
+        if set(survivors) & set(dropped):
+            raise SchemaError("a site cannot both survive and drop out")
+        return cls(phase, values["server-round"], values["run-key"], survivors, dropped)
+
+    def reply_problems(self, reply: Message) -> list[str]:
+        record = _reply_record(reply, SECAGG_RECORD, ConfigRecord)
+        if record is None:
+            return [SECAGG_RECORD]
+        wanted = {"seed-nodes", "seed-shares", "key-nodes", "key-shares"}
+        problems = sorted(set(record) ^ wanted)
+        if problems:
+            return problems
+        for nodes, shares, allowed in (
+            ("seed-nodes", "seed-shares", self.survivors),
+            ("key-nodes", "key-shares", self.dropped),
+        ):
+            if not (_nodes_ok(record[nodes], 0, MAX_SITES) and set(record[nodes]) <= set(allowed)):
+                problems.append(nodes)
+            elif not (
+                _bytes_ok(record[shares], SHARE_BYTES) and len(record[shares]) == len(record[nodes])
+            ):
+                problems.append(shares)
+        return problems
+
+
+SECAGG_STAGE_CLASSES: dict[str, type[SecAggStage]] = {
+    cls.stage: cls for cls in (SecAggKeys, SecAggShares, SecAggMasked, SecAggUnmask)
+}
+
+
+def record_bytes(record: ArrayRecord | ConfigRecord | Any) -> int:
+    """Bytes a record takes in a message: array data with their headers, or each key with
+    its value (8 bytes a number).  (Flower's own count fails on an empty list.)"""
+    if isinstance(record, ArrayRecord):
+        return record.count_bytes()
+    total = 0
+    for key, value in record.items():
+        values = value if isinstance(value, list) else [value]
+        total += len(key) + sum(len(v) if isinstance(v, bytes | str) else 8 for v in values)
+    return total
+
+
+def read_message(message: Message) -> tuple[Instruction | SecAggStage, ArrayRecord | None]:
+    """The instruction or secure-aggregation stage of any message a site answers;
+    SchemaError for another type or a message that breaks the schema."""
+    kind = message.metadata.message_type
+    if kind in INSTRUCTIONS:
+        return read_instruction(message)
+    _, _, action = kind.partition(".")
+    stage = SECAGG_STAGE_CLASSES.get(action)
+    if stage is None:
+        raise SchemaError("a site answers only train, evaluate and secure-aggregation messages")
+    return stage.from_message(message)
