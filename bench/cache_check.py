@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import RESULTS, machine
+from bench.harness import RESULTS, cpu_model, machine
 from fedct.common.cache.scan_index import verify_cache
 from fedct.common.cache.store import read_manifest
 
@@ -32,14 +31,6 @@ def _seconds(cache: Path, checksum: bool, repeats: int) -> float:
         verify_cache(cache, checksum=checksum)
         times.append(time.perf_counter() - began)
     return round(statistics.median(times), 4)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), for the figures' label."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def measure(cache: Path, repeats: int) -> dict[str, Any]:
@@ -77,7 +68,7 @@ def main() -> None:
         f"{total_sha:.3f} s in all ({cpu_model()}, files in the page cache)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": {**machine(), "cpu": cpu_model()}, "caches": rows}
+    result = {"machine": machine(), "caches": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

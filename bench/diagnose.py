@@ -59,13 +59,6 @@ MODELS = {
 }
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def write_study(folder: Path, slices: int) -> Path:
     """A COVID-19 phantom of ``slices`` 1-mm slices at 512², as one DICOM series."""
     rng = np.random.default_rng(0)
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(names) - set(MODELS):
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
     result: dict[str, Any] = {
-        "machine": {**machine(), "cpu": cpu_model(), "threads": args.threads},
+        "machine": {**machine(), "threads": args.threads},
         "slices": args.slices,
         "models": {},
     }

@@ -74,10 +74,21 @@ def add_demo_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     parser.add_argument("--out", type=Path, default=out, help="the JSON file of the figures")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (floating-point results and speeds differ between kinds)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return next(names, platform.processor() or "unknown")
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     return {
         "platform": f"{platform.machine()} {platform.system()}",
+        "cpu": cpu_model(),
         "cores": os.cpu_count() or 1,
         "python": sys.version.split()[0],
     }

@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.cache_check import cpu_model
-from bench.harness import RESULTS, machine
+from bench.harness import RESULTS, cpu_model, machine
 from fedct.common.cache.splits import assign_splits
 from fedct.common.cache.store import SPLITS
 
