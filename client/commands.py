@@ -30,21 +30,7 @@ def _evaluate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rule", choices=("sens_at_spec", "youden"), default="sens_at_spec")
     parser.add_argument("--min-specificity", type=float, default=0.95)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument(
-        "--slice-chunk",
-        type=int,
-        help="slices per forward pass, a memory knob (default: the model card's)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="auto",
-        help="how the scans are scored: auto (default) is eager PyTorch on CUDA and, on the "
-        "CPU, the backbone compiled by OpenVINO, else ONNX Runtime, when installed; eager "
-        "forces plain PyTorch (docs/evaluation.md)",
-    )
+    _engine_options(parser, batch_size=2)
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cams", type=int, default=3, help="CAM overlays of correct/wrong scans")
@@ -119,7 +105,12 @@ def _scoring_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the input's format (auto detects DICOM, NIfTI or slice images)",
     )
-    parser.add_argument("--batch-size", type=int, default=1)
+    _engine_options(parser, batch_size=1)
+
+
+def _engine_options(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """How a model scores scans: what evaluate, diagnose and serve share."""
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument(
         "--slice-chunk",
         type=int,
@@ -130,7 +121,9 @@ def _scoring_options(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINES,
         default="auto",
-        help="auto (default): OpenVINO on the CPU when installed, as fedct evaluate scores",
+        help="how the scans are scored: auto (default) is eager PyTorch on CUDA and, on the "
+        "CPU, the backbone compiled by OpenVINO, else ONNX Runtime, when installed; eager "
+        "forces plain PyTorch (docs/evaluation.md)",
     )
 
 

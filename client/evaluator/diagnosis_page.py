@@ -302,17 +302,23 @@ def _series(study: dict[str, Any]) -> str:
 
 
 def _rejected(study: dict[str, Any]) -> str:
-    if not study["rejected"]:
+    return _input_table("Not used", study["rejected"], files=True)
+
+
+def _input_table(title: str, entries: list[dict[str, Any]], *, files: bool) -> str:
+    """Inputs that were not used: their path, reason and detail (and file count)."""
+    if not entries:
         return ""
+    heads = ("path", "reason", "detail", *(("files",) if files else ()))
+    head = "".join(f"<th>{h}</th>" for h in heads)
     rows = "".join(
         f"<tr><td>{escape(r['path'])}</td><td>{escape(r['reason'])}</td>"
-        f"<td>{escape(r['detail'])}</td><td class='num'>{r['files']}</td></tr>"
-        for r in study["rejected"]
+        f"<td>{escape(r['detail'])}</td>"
+        + (f"<td class='num'>{r['files']}</td>" if files else "")
+        + "</tr>"
+        for r in entries
     )
-    return (
-        "<h2>Not used</h2><table><thead><tr><th>path</th><th>reason</th><th>detail</th>"
-        f"<th>files</th></tr></thead><tbody>{rows}</tbody></table>"
-    )
+    return f"<h2>{title}</h2><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def _operating_point(document: dict[str, Any]) -> str:
@@ -330,17 +336,7 @@ def _operating_point(document: dict[str, Any]) -> str:
 
 
 def _unassigned(document: dict[str, Any]) -> str:
-    if not document["unassigned"]:
-        return ""
-    rows = "".join(
-        f"<tr><td>{escape(r['path'])}</td><td>{escape(r['reason'])}</td>"
-        f"<td>{escape(r['detail'])}</td></tr>"
-        for r in document["unassigned"]
-    )
-    return (
-        "<h2>Inputs of no study</h2><table><thead><tr><th>path</th><th>reason</th>"
-        f"<th>detail</th></tr></thead><tbody>{rows}</tbody></table>"
-    )
+    return _input_table("Inputs of no study", document["unassigned"], files=False)
 
 
 def _provenance(model: dict[str, Any]) -> str:
