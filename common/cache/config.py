@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Cache settings and the run-config keys that must agree with them for a run to use the cache.
-RUN_CONFIG_KEYS = {"size": "image-size", "fraction": "slice-fraction", "normalize": "normalize"}
+RUN_CONFIG_KEYS = {
+    "size": "image-size",
+    "fraction": "slice-fraction",
+    "normalize": "normalize",
+    "lung_crop": "lung-crop",
+}
+# What a setting added after the first caches were written was in those caches (and in the
+# model cards of their runs): a cache.json or run config without it had it so.
+ABSENT_MEANS = {"lung_crop": False}
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,7 @@ class PrepareConfig:
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
     format: str = "auto"
+    lung_crop: bool = False  # crop each slice to the lungs (common/cache/lung_mask.py)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     def cache_settings(self) -> dict[str, Any]:
@@ -33,9 +42,9 @@ def differing_settings(
 ) -> dict[str, tuple[Any, Any]]:
     """``{name: (cached value, wanted value)}`` of the cache settings (:data:`RUN_CONFIG_KEYS`
     names) in which a cache's recorded ``cached`` differ from ``wanted``; a setting that
-    ``wanted`` lacks is not compared."""
+    ``wanted`` lacks is not compared, one that ``cached`` lacks is :data:`ABSENT_MEANS`'s."""
     return {
-        name: (cached.get(name), wanted[name])
+        name: (cached.get(name, ABSENT_MEANS.get(name)), wanted[name])
         for name in RUN_CONFIG_KEYS
-        if name in wanted and cached.get(name) != wanted[name]
+        if name in wanted and cached.get(name, ABSENT_MEANS.get(name)) != wanted[name]
     }

@@ -25,9 +25,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from fedct.common.cache.config import PrepareConfig, differing_settings
-from fedct.common.cache.normalize import parse_normalization, to_cache_pixels
+from fedct.common.cache.lung_mask import (
+    cache_slices,
+    has_lung_mask,
+    mask_flags,
+    with_mask_flags,
+    write_lung_mask,
+)
+from fedct.common.cache.normalize import parse_normalization
 from fedct.common.cache.pseudonym import load_or_create_salt, pseudonym
-from fedct.common.cache.qa import QACollector, plural, print_summary, scan_hu_counts
+from fedct.common.cache.qa import QACollector, lung_share, plural, print_summary, scan_hu_counts
 from fedct.common.cache.scan_index import ScanIndex, ScanRecord
 from fedct.common.cache.selection import middle_slices
 from fedct.common.cache.splits import assign_splits, parse_fractions
@@ -77,12 +84,22 @@ def _convert(index: int) -> tuple[dict[str, Any], ScanRecord] | Rejection:
     start, stop = row["selected_start"], row["selected_start"] + row["n_slices_selected"]
     try:
         hu = scan.load(start, stop)
-        pixels = to_cache_pixels(hu, _JOB["norm"], scan.intensity, _JOB["size"])
+        pixels, mask, lungs = cache_slices(
+            hu,
+            _JOB["norm"],
+            scan.intensity,
+            _JOB["size"],
+            pixel_mm=scan.spacing_mm[2],
+            lung_crop=_JOB["lung_crop"],
+        )
     except ScanLoadError as exc:  # the whole scan is rejected: all its files
         failed = exc.rejection
         return Rejection(failed.path, failed.reason, failed.detail, scan.files)
+    write_lung_mask(_JOB["cache"], row["scan_id"], mask)
     blob = write_scan(_JOB["cache"], row["scan_id"], pixels)
-    return {**row, **scan_hu_counts(scan, hu)}, ScanRecord.of_blob(row["scan_id"], blob)
+    warnings = with_mask_flags(row["warnings"], lungs.warnings)
+    row = {**row, **scan_hu_counts(scan, hu), **lung_share(lungs), "warnings": warnings}
+    return row, ScanRecord.of_blob(row["scan_id"], blob)
 
 
 def _row_for(
@@ -178,9 +195,17 @@ def prepare(
         split_keys[row["patient_id"]] = item.patient_key
         collected.add_scan(item, row)
         problem = index.problem(row["scan_id"])
+        if problem is None and not has_lung_mask(cache_dir, row["scan_id"]):
+            problem = "missing"  # prepared before lung masks were: prepared again
         if problem is None:
             index.adopt(row["scan_id"])
-            rows[row["scan_id"]] = {**existing.get(row["scan_id"], {}), **row}
+            earlier = existing.get(row["scan_id"], {})
+            flags = mask_flags(earlier.get("warnings", ""))
+            rows[row["scan_id"]] = {
+                **earlier,
+                **row,
+                "warnings": with_mask_flags(row["warnings"], flags),
+            }
             reused += 1
         else:
             damaged += problem != "missing"
@@ -193,7 +218,7 @@ def prepare(
         )
 
     _PENDING[:] = pending
-    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size)
+    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size, lung_crop=cfg.lung_crop)
     done = 0
     try:
         for result in _run_conversions(len(pending), cfg.workers, progress):
@@ -275,6 +300,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         splits=parse_fractions(args.splits),
         seed=args.seed,
         format=args.format,
+        lung_crop=args.lung_crop,
         workers=args.workers,
     )
 
