@@ -243,8 +243,11 @@ def test_the_central_evaluations_interval_does_not_depend_on_the_salt(tmp_path: 
 
 def test_missing_prepare_settings_fall_back_to_defaults_and_say_so() -> None:
     settings, missing = prepare_settings_from_card({"run_config": {"image-size": 64}}, Path("c"))
-    assert settings == {"size": 64, "fraction": 0.5, "normalize": "ai-corona"}
+    # A card from before lung-crop existed was trained without it, and needs no note.
+    assert settings == {"size": 64, "fraction": 0.5, "normalize": "ai-corona", "lung_crop": False}
     assert missing == ["fraction", "normalize"]
+    with pytest.raises(CheckpointLoadError, match="lung-crop='yes' is invalid"):
+        prepare_settings_from_card({"run_config": {"lung-crop": "yes"}}, Path("c"))
 
 
 def test_digest_mismatch_is_a_clear_error(

@@ -14,7 +14,8 @@ from test_evaluate import STORED_OP, cache, evaluate_cli, make_run, write_mosmed
 
 from fedct.common.cache.store import write_settings
 from fedct.common.metrics.bootstrap import auc_interval
-from fedct.common.metrics.classification import calibration_scores, wilson_interval
+from fedct.common.metrics.calibration import calibration_scores
+from fedct.common.metrics.classification import wilson_interval
 
 __all__ = ["cache"]  # the fixture, shared with test_evaluate
 

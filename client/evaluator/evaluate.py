@@ -47,12 +47,8 @@ from fedct.common.classes import COVID_INDEX, GLOBAL_CLASSES, LabelMapError
 from fedct.common.console import out as stdout
 from fedct.common.ingest.labels import LabelsError
 from fedct.common.metrics.bootstrap import full_report, roc_band
-from fedct.common.metrics.classification import (
-    calibration_bins,
-    calibration_scores,
-    roc_curve_points,
-    wilson_interval,
-)
+from fedct.common.metrics.calibration import calibration_bins, calibration_scores
+from fedct.common.metrics.classification import roc_curve_points, wilson_interval
 from fedct.common.metrics.operating_point import OperatingPoint, choose_operating_point
 from fedct.common.model.cam import class_activation_maps, overlay
 from fedct.common.model.classifier import SliceClassifier
