@@ -63,9 +63,9 @@ def test_the_federated_choice_is_the_pooled_one_and_calibrates() -> None:
     assert 1.6 < federated.temperature < 2.5  # the logits were doubled
     fresh_labels, fresh_probs = _overconfident(2000, 3, 2.0)
     before = calibration_scores(fresh_labels, fresh_probs)["ece"]
-    after = calibration_scores(
-        fresh_labels, apply_temperature(fresh_probs, federated.temperature)
-    )["ece"]
+    after = calibration_scores(fresh_labels, apply_temperature(fresh_probs, federated.temperature))[
+        "ece"
+    ]
     assert after < 0.05 < before
     assert Calibration.from_dict(federated.to_dict()) == federated
 

@@ -61,7 +61,7 @@ SHARE_RANGE = (0.05, 0.80)
 MIN_SIDE_SHARE = 0.15
 CROP_MARGIN = 0.08
 MASK_DIR = "masks"
-OUTLINE_RGB = (255, 221, 0)  # the lung outline drawn on slices: yellow
+OUTLINE_RGB = (80, 200, 255)  # the lung outline drawn on slices: cyan, apart from the heat colours
 WARNINGS = {
     "lung-mask-empty": "no lungs found in the selected slices",
     "lung-mask-small": f"the lungs are under {SHARE_RANGE[0]:.0%} of the body",

@@ -300,7 +300,7 @@ def render_html(qa: dict[str, Any], samples: Sequence[Sample] = ()) -> str:
                 html_page.paragraph(
                     "Slices through the whole series, as the cache stores them: the first and "
                     "last slice, the first and last selected, and the middle one. Green frame: "
-                    "in the selection (the middle slices); grey: not used. Yellow line: the "
+                    "in the selection (the middle slices); grey: not used. Cyan line: the "
                     "lung mask's outline (for the selected slices, the mask stored in the cache)."
                 ),
                 *sample_figures(samples),
