@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from fedct.common.cache.config import PrepareConfig
 from fedct.common.cache.lung_mask import (
@@ -74,7 +75,6 @@ def test_a_failing_mask_is_flagged() -> None:
     y, x = np.ogrid[:SIZE, :SIZE]
     disk = np.where((y - SIZE / 2) ** 2 + (x - SIZE / 2) ** 2 < (SIZE / 3) ** 2, 40.0, -1000.0)
     assert segment_lungs(np.stack([disk] * 3), "hu", PIXEL_MM).warnings == ("lung-mask-empty",)
-    assert segment_lungs(one_lung, "hu", PIXEL_MM).crop_box() is None
     assert with_mask_flags("second-series;lung-mask-small", ["lung-mask-empty"]) == (
         "second-series;lung-mask-empty"
     )
@@ -162,6 +162,16 @@ def test_lung_crop_is_a_cache_setting_the_run_must_share(studies: Path, tmp_path
         np.load(scan_path(plain, plain_rows[flagged["warnings"]]["scan_id"])),
     )
     check_run_settings(cropped, {"lung-crop": True, "image-size": 64})
+    # lung-only: air (0 in the ai-corona normalisation) beyond the margin around the lungs.
+    only = tmp_path / "only"
+    prepare(studies, only, replace(base, lung_only=True), progress=False)
+    row = next(r for r in read_manifest(only) if not r["warnings"])
+    pixels = np.load(scan_path(only, row["scan_id"]))
+    mask = read_lung_mask(only, row["scan_id"], pixels.shape)
+    far = np.stack([ndimage.distance_transform_edt(~m) > 3 for m in mask])  # > 3 px ≈ 16 mm
+    # (a lung speck too small for the stored 64² mask keeps its own margin)
+    assert (pixels[far] == 0).mean() > 0.999 and pixels[mask].mean() > 20
+    check_run_settings(only, {"lung-only": True, "lung-crop": False})
     with pytest.raises(CacheError, match="lung-crop = False but the cache has True"):
         check_run_settings(cropped, {"lung-crop": False})
     settings = (plain / "cache.json").read_text().replace('"lung_crop": false,', "")

@@ -57,6 +57,7 @@ from fedct.common.metrics.calibration import (
     apply_temperature,
     calibration_bins,
     calibration_scores,
+    ece_noise_floor,
 )
 from fedct.common.metrics.classification import roc_curve_points, wilson_interval
 from fedct.common.metrics.operating_point import OperatingPoint, choose_operating_point
@@ -316,6 +317,7 @@ def _calibration(result: EvalResult, loaded: LoadedModel) -> dict[str, Any]:
     where it came from, and the same scores before the temperature when there is one."""
     scores: dict[str, Any] = {
         **calibration_scores(result.labels, result.probs),
+        "ece_noise_floor": ece_noise_floor(result.probs),
         "temperature": loaded.temperature,
         "temperature_source": (
             f"model card {loaded.card_path.name}, chosen on {loaded.calibration.chosen_on}"

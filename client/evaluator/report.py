@@ -275,6 +275,7 @@ def _calibration(report: dict[str, Any]) -> list[str]:
     facts = [
         ["temperature applied", f"{temperature:.3g} ({scores.get('temperature_source')})"],
         ["expected calibration error (ECE)", _rounded(scores.get("ece"))],
+        ["ECE of perfect calibration on these scans", _floor_text(scores.get("ece_noise_floor"))],
         ["Brier score (COVID-19 vs rest)", _rounded(scores.get("brier"))],
     ]
     if scores.get("before"):
@@ -323,6 +324,16 @@ def _reliability(bins: dict[str, Any], temperature_is: str | None, temperature: 
         title=title,
         x_label="mean predicted p(COVID-19)",
         y_label="fraction COVID-19",
+    )
+
+
+def _floor_text(floor: dict[str, Any] | None) -> str | None:
+    """The ECE that perfectly calibrated probabilities show on the reported scans."""
+    if not floor or floor.get("median") is None:
+        return None
+    return (
+        f"{floor['median']:.3f} (90 % of draws {floor['p5']:.3f}–{floor['p95']:.3f}): labels "
+        "drawn from the probabilities themselves; an ECE near it is all these scans can show"
     )
 
 

@@ -14,10 +14,22 @@ RUN_CONFIG_KEYS = {
     "fraction": "slice-fraction",
     "normalize": "normalize",
     "lung_crop": "lung-crop",
+    "lung_only": "lung-only",
 }
 # What a setting added after the first caches were written was in those caches (and in the
 # model cards of their runs): a cache.json or run config without it had it so.
-ABSENT_MEANS = {"lung_crop": False}
+ABSENT_MEANS = {"lung_crop": False, "lung_only": False}
+
+
+@dataclass(frozen=True)
+class LungFocus:
+    """What the model is given of a scan's slices (common/cache/lung_mask.py): ``crop``
+    (``lung-crop``) cuts them to the square around the lungs, ``only`` (``lung-only``) makes
+    every pixel beyond a margin around the lungs air.  A scan whose lung mask fails its
+    check keeps its whole slices."""
+
+    crop: bool = False
+    only: bool = False
 
 
 @dataclass(frozen=True)
@@ -30,7 +42,12 @@ class PrepareConfig:
     seed: int = 0
     format: str = "auto"
     lung_crop: bool = False  # crop each slice to the lungs (common/cache/lung_mask.py)
+    lung_only: bool = False  # air beyond a margin around the lungs (the same)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    @property
+    def lung_focus(self) -> LungFocus:
+        return LungFocus(crop=self.lung_crop, only=self.lung_only)
 
     def cache_settings(self) -> dict[str, Any]:
         """The settings that change cached pixels: a cache is only extended with equal ones."""

@@ -22,7 +22,9 @@ the body, and lungs on both sides of the body's centre.  A scan whose mask fails
 
 ``lung-crop`` crops every slice of a scan to one square around the lungs of all its selected
 slices, with a margin of :data:`CROP_MARGIN` of that square on each side, before resizing:
-the lungs fill the slice the model sees, at the same scale on every slice of the scan.
+the lungs fill more of the slice the model sees, at the same scale on every slice of the
+scan.  ``lung-only`` makes every pixel farther than :data:`ONLY_MARGIN_MM` from the lungs
+air, so that the model sees nothing but the lungs (and learns from nothing else).
 
 In the cache, ``masks/<scan_id>.npy`` holds the mask of the cached slices as stored (after
 the crop and the resize): uint8 of shape (S, size, ceil(size / 8)), the bits of each row
@@ -42,6 +44,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from fedct.common.cache.config import LungFocus
 from fedct.common.cache.normalize import LUNG_WINDOW, Normalization, resize_slices, to_cache_pixels
 from fedct.common.cache.store import atomic_open
 
@@ -60,6 +63,7 @@ AIRWAY_BAND = 0.1
 SHARE_RANGE = (0.05, 0.80)
 MIN_SIDE_SHARE = 0.15
 CROP_MARGIN = 0.08
+ONLY_MARGIN_MM = 5.0  # lung-only keeps this much around the lungs (the pleura, lesions on it)
 MASK_DIR = "masks"
 OUTLINE_RGB = (80, 200, 255)  # the lung outline drawn on slices: cyan, apart from the heat colours
 WARNINGS = {
@@ -96,11 +100,9 @@ class LungMask:
             failed.append("lung-mask-one-side")
         return tuple(failed)
 
-    def crop_box(self) -> Box | None:
+    def crop_box(self) -> Box:
         """The square every slice is cropped to under ``lung-crop``: around the lungs of all
-        slices with a margin, possibly beyond the slice (padded); None when the mask fails."""
-        if self.warnings:
-            return None
+        slices with a margin, possibly beyond the slice (padded); for a mask that passes."""
         rows = np.flatnonzero(self.mask.any(axis=(0, 2)))
         cols = np.flatnonzero(self.mask.any(axis=(0, 1)))
         side = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
@@ -128,7 +130,7 @@ def _disk(radius: float) -> np.ndarray:
 
 def _body(tissue: np.ndarray, open_px: float) -> np.ndarray:
     """The filled largest part of one slice's ``tissue`` after opening."""
-    opened = ndimage.binary_opening(tissue, _disk(open_px)) if open_px >= 1 else tissue
+    opened = ndimage.binary_opening(tissue, _disk(open_px))
     labels, count = ndimage.label(opened)
     if count == 0:
         return np.zeros_like(tissue)
@@ -197,12 +199,11 @@ def segment_lungs(slices: np.ndarray, intensity: str, pixel_mm: float | None = N
     values; ``pixel_mm`` is the in-plane pixel spacing (None or NaN: the slice is taken to
     span :data:`FALLBACK_FOV_MM`)."""
     full = hounsfield(slices, intensity)
-    if pixel_mm is None or not math.isfinite(pixel_mm) or pixel_mm <= 0:
-        pixel_mm = FALLBACK_FOV_MM / max(full.shape[1:])
+    pixel_mm = _pixel_mm(pixel_mm, full.shape)
     factor = max(1, min(full.shape[1:]) // WORK_PX)
     hu = _reduced(full, factor)
     pixel_mm *= factor
-    body = np.stack([_body(s > BODY_HU, OPEN_MM / pixel_mm) for s in hu])
+    body = np.stack([_body(s > BODY_HU, max(1.0, OPEN_MM / pixel_mm)) for s in hu])
     body_voxels = int(body.sum())
     air = body & (hu < AIR_HU)
     labels, count = ndimage.label(air)
@@ -229,6 +230,13 @@ def segment_lungs(slices: np.ndarray, intensity: str, pixel_mm: float | None = N
     return LungMask(
         _enlarged(mask, factor, full.shape[1:]), *_share_and_sides(mask, body, body_voxels)
     )
+
+
+def _pixel_mm(pixel_mm: float | None, shape: tuple[int, ...]) -> float:
+    """The in-plane pixel spacing, or the one of :data:`FALLBACK_FOV_MM` across the slices."""
+    if pixel_mm is None or not math.isfinite(pixel_mm) or pixel_mm <= 0:
+        return FALLBACK_FOV_MM / max(shape[1:])
+    return pixel_mm
 
 
 def _reduced(hu: np.ndarray, factor: int) -> np.ndarray:
@@ -285,6 +293,24 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return resize_slices(mask.astype(np.float32), size) >= 0.5
 
 
+def model_view(
+    slices: np.ndarray,
+    mask: np.ndarray,
+    box: Box | None,
+    intensity: str,
+    pixel_mm: float | None,
+    only: bool,
+) -> np.ndarray:
+    """``slices`` (S, H, W) as the model is given them before normalisation: with ``only``,
+    air beyond :data:`ONLY_MARGIN_MM` of ``mask``; cut to ``box``."""
+    fill = 0.0 if intensity == "display" else float(np.min(slices))
+    if only:
+        margin = ONLY_MARGIN_MM / _pixel_mm(pixel_mm, slices.shape)
+        near = np.stack([ndimage.distance_transform_edt(~plane) <= margin for plane in mask])
+        slices = np.where(near, slices, np.asarray(fill, dtype=slices.dtype))
+    return crop(slices, box, fill)
+
+
 def cache_slices(
     slices: np.ndarray,
     norm: Normalization,
@@ -292,14 +318,15 @@ def cache_slices(
     size: int,
     *,
     pixel_mm: float | None,
-    lung_crop: bool,
+    focus: LungFocus,
 ) -> tuple[np.ndarray, np.ndarray, LungMask]:
-    """A scan's selected slices as the cache stores them (uint8 (S, size, size), cropped to the
-    lungs with ``lung_crop``), their lung mask as stored, and the mask on the slices' own grid."""
+    """A scan's selected slices as the cache stores them (uint8 (S, size, size), as ``focus``
+    asks), their lung mask as stored, and the mask on the slices' own grid."""
     lungs = segment_lungs(slices, intensity, pixel_mm)
-    box = lungs.crop_box() if lung_crop else None
-    fill = 0.0 if intensity == "display" else float(np.min(slices))
-    pixels = to_cache_pixels(crop(slices, box, fill), norm, intensity, size)
+    passed = not lungs.warnings
+    box = lungs.crop_box() if focus.crop and passed else None
+    shown = model_view(slices, lungs.mask, box, intensity, pixel_mm, focus.only and passed)
+    pixels = to_cache_pixels(shown, norm, intensity, size)
     return pixels, resize_mask(crop(lungs.mask, box, False), size), lungs
 
 

@@ -90,7 +90,7 @@ def _convert(index: int) -> tuple[dict[str, Any], ScanRecord] | Rejection:
             scan.intensity,
             _JOB["size"],
             pixel_mm=scan.spacing_mm[2],
-            lung_crop=_JOB["lung_crop"],
+            focus=_JOB["focus"],
         )
     except ScanLoadError as exc:  # the whole scan is rejected: all its files
         failed = exc.rejection
@@ -218,7 +218,7 @@ def prepare(
         )
 
     _PENDING[:] = pending
-    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size, lung_crop=cfg.lung_crop)
+    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size, focus=cfg.lung_focus)
     done = 0
     try:
         for result in _run_conversions(len(pending), cfg.workers, progress):
@@ -301,6 +301,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         seed=args.seed,
         format=args.format,
         lung_crop=args.lung_crop,
+        lung_only=args.lung_only,
         workers=args.workers,
     )
 

@@ -260,6 +260,7 @@ def _settings_rows(qa: dict[str, Any]) -> list[list[Any]]:
         "fraction": "fraction of slices selected (middle)",
         "normalize": "normalisation",
         "lung_crop": "slices cropped to the lungs",
+        "lung_only": "only the lungs shown (air elsewhere)",
         "min_slices": "minimum slices per scan",
         "seed": "split seed",
     }
@@ -375,7 +376,7 @@ class QACollector:
     ) -> dict[str, Any]:
         """Build and write qa.json and qa.html; returns the report."""
         kept = {row["scan_id"] for row in rows}
-        rendered = self.samples.render(norm, cfg.size, kept, lung_crop=cfg.lung_crop)
+        rendered = self.samples.render(norm, cfg.size, kept, focus=cfg.lung_focus)
         samples = sorted(rendered, key=lambda sample: CLASSES.index(sample.global_class))
         qa = build_qa(
             rows,

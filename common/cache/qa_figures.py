@@ -17,7 +17,14 @@ from html import escape
 import numpy as np
 
 from fedct.common import html_page
-from fedct.common.cache.lung_mask import crop, outlined, resize_mask, segment_lungs
+from fedct.common.cache.config import LungFocus
+from fedct.common.cache.lung_mask import (
+    crop,
+    model_view,
+    outlined,
+    resize_mask,
+    segment_lungs,
+)
 from fedct.common.cache.normalize import Normalization, to_cache_pixels
 from fedct.common.ingest.base import Scan, ScanLoadError
 
@@ -118,12 +125,12 @@ class SampleScans:
             offered.append((scan, row))
 
     def render(
-        self, norm: Normalization, size: int, kept: set[str], *, lung_crop: bool = False
+        self, norm: Normalization, size: int, kept: set[str], focus: LungFocus
     ) -> list[Sample]:
         """A :class:`Sample` per class (classes in the order first seen) of the scans whose
         id is in ``kept``, each shown slice with its lung mask's outline (the selected slices'
-        mask as the cache stores it, the others' found on the slice alone) and cropped as
-        ``lung_crop`` crops the cache; a scan whose slices fail to load now is left out."""
+        mask as the cache stores it, the others' found on the slice alone), as the cache shows
+        slices to the model (``focus``); a scan whose slices fail to load now is left out."""
         samples = []
         for name, offered in self._offered.items():
             candidates = [(scan, row) for scan, row in offered if row["scan_id"] in kept]
@@ -136,15 +143,17 @@ class SampleScans:
             pixel_mm = scan.spacing_mm[2]
             try:
                 selected = segment_lungs(scan.load(start, stop), scan.intensity, pixel_mm)
-                box = selected.crop_box() if lung_crop else None
+                passed = not selected.warnings
+                box = selected.crop_box() if focus.crop and passed else None
+                only = focus.only and passed
                 for index in shown_indices(scan.n_slices, start, stop):
                     hu = scan.load(index, index + 1)
                     if start <= index < stop:
                         mask = selected.mask[index - start : index - start + 1]
                     else:
                         mask = segment_lungs(hu, scan.intensity, pixel_mm).mask
-                    fill = 0.0 if scan.intensity == "display" else float(hu.min())
-                    pixels = to_cache_pixels(crop(hu, box, fill), norm, scan.intensity, size)
+                    shown = model_view(hu, mask, box, scan.intensity, pixel_mm, only)
+                    pixels = to_cache_pixels(shown, norm, scan.intensity, size)
                     lungs = resize_mask(crop(mask, box, False), size)[0]
                     sample.slices.append(
                         SampleSlice(index, start <= index < stop, outlined(pixels[0], lungs))
