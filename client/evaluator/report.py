@@ -105,9 +105,9 @@ def _colour_scale(cams: dict[str, list[str]]) -> list[str]:
     return [
         html_page.figure(
             bar,
-            f"colour scale: evidence for COVID-19 per pixel, 0 to {EVIDENCE_SCALE:g} "
-            "(a map this strong over every pixel of every slice would add that much to the "
-            "log-odds); stronger evidence is drawn as the top colour",
+            f"colour scale: evidence for COVID-19 per pixel, 0 to {EVIDENCE_SCALE:g} and above "
+            f"(a region of 1 % of the scan's pixels at {EVIDENCE_SCALE:g} adds "
+            f"{EVIDENCE_SCALE / 100:g} to the log-odds of COVID-19 against the other classes)",
         )
     ]
 
