@@ -27,6 +27,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python -m bench.preprocess --profile
 	$(BIN)/python -m bench.inference
+	$(BIN)/python -m bench.diagnose
 	$(BIN)/python -m bench.train_throughput
 	$(BIN)/python -m bench.fl_vs_baselines --strategies fedavg,fedbn
 	$(BIN)/python -m bench.fl_overhead

@@ -1,76 +1,97 @@
-"""The egress guard: a ClientApp mod that audits every reply before it leaves the site and
-blocks the ones that carry more than the protocol allows (docs/privacy-egress.md).
+"""The egress guard: the outermost ClientApp mod, which checks every reply against the reply the
+protocol fixes for the message it answers, audits it, and blocks what breaks a rule
+(docs/privacy-egress.md).
 
-Allowed in a reply:
+The message is parsed with the schema (common/federation/messages.py) and the reply must be
+exactly what :func:`~fedct.common.federation.messages.reply_rules` allows for it:
 
-* arrays only in a reply to a ``train`` message: one ArrayRecord, named as the one received,
-  holding exactly the model's travelling state (every parameter and buffer, or the head only
-  with a frozen backbone) packed as common/federation/transport.py packs it: one array of every
-  floating-point value in the ``transport-dtype`` and one of the integer values, each of the
-  model's size.  The model is the one described by the ``model-config`` of the incoming
-  message, built on the meta device;
-* metrics whose values are numbers; lists only under the histogram keys, when the coordinator
-  asked for histograms, as that many non-negative integer counts;
-* one ConfigRecord, ``site``, with one key, ``name``: this site's name.  It is the only string.
+* records: ``metrics`` and ``site``, and ``arrays`` in a reply to a train message only;
+* arrays: exactly the travelling state of the model the instruction describes (built on the
+  meta device; nothing computed, no weights read), packed as common/federation/transport.py
+  packs it: one array of every floating-point value in the ``transport-dtype`` and one of the
+  integer values, each of the model's size, their bytes exactly those of their shape;
+* metrics: exactly the instruction's keys, each value within its rule (counts are whole and
+  non-negative, shares in [0, 1], losses non-negative, NaN where a split has no scans); the
+  histograms, when asked for, exactly as many non-negative integer counts as the site's
+  policy allowed bins;
+* ``site``: one key, ``name``, this site's name: the only string;
+* a secure-aggregation stage (client/secagg.py) instead: its own record and nothing else —
+  two public keys of 32 bytes; sealed shares of the exact size for exactly the neighbours
+  the message named; one masked vector in the field's dtype (uint64) of exactly the length of
+  the input the instruction describes (common/federation/secure_vector.py); shares of the
+  exact size for no site but those the protocol lets this site reveal (itself and the
+  neighbours it masked with, seed shares only for survivors and key shares only for the
+  dropped);
+* an error reply: a reason of the fixed vocabulary (common/federation/site_error.py) naming
+  this site; any other error text is replaced.
 
-A reply that breaks a rule is replaced by an error reply, so the coordinator counts a failure
-for the site and receives none of the content; the error names only the kinds of violation.
-Every reply, blocked or not, first gets a line in the site's audit log (node-config
-``audit-log``, default ``<site cache>/fedct-audit.jsonl``): structure only (record, array and
-metric names, shapes, dtypes, bytes), never a value.  A reply whose line cannot be written is
-not sent.
+A reply that breaks a rule is replaced by an error reply (``egress: …``), so the coordinator
+counts a failure for the site and receives none of the content.  Every reply, blocked or not,
+first gets a line in the site's audit log (node-config ``audit-log``, default
+``<site cache>/fedct-audit.jsonl``): its structure only (record, array and metric names,
+shapes, dtypes, bytes) and, for an error, its fixed reason: never a value and never an
+exception's text.  A reply whose line cannot be written is not sent.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import Array, ConfigRecord, Context, Error, Message, MessageType
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
-from flwr.common.constant import ErrorCode
 
-from fedct.client.site_data import resolve_site
-from fedct.common.federation.transport import Layout
-from fedct.common.metrics.pooled_operating_point import BINS_KEY, COVID_KEY, OTHER_KEY
-from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
+from fedct.client.audit_log import AUDIT_FILE, append_line, audit_log_path
+from fedct.client.model_layout import local_entries, model_layout
+from fedct.client.secagg import revealable
+from fedct.client.site_data import declared_name, resolve_site
+from fedct.client.site_errors import error_reply, issued_errors
+from fedct.common.federation.messages import (
+    ARRAYS_RECORD,
+    COVID_KEY,
+    MASKED_ARRAY,
+    MASKED_RECORD,
+    METRICS_RECORD,
+    OTHER_KEY,
+    SECAGG_RECORD,
+    SECAGG_STAGES,
+    SITE_KEY,
+    SITE_RECORD,
+    Instruction,
+    SecAggMasked,
+    SecAggStage,
+    SecAggUnmask,
+    TrainInstruction,
+    histogram_fits,
+    read_message,
+    record_bytes,
+    reply_rules,
+)
+from fedct.common.federation.secagg import FIELD_DTYPE
+from fedct.common.federation.secure_vector import VectorSpec
+from fedct.common.federation.site_error import (
+    MAX_REASON,
+    SiteRefusal,
+    fixed_reason,
+    site_error_reason,
+)
 
-AUDIT_FILE = "fedct-audit.jsonl"
-CONFIG_RECORD = "config"
-SITE_RECORD = "site"
-SITE_KEY = "name"
-HISTOGRAM_KEYS = frozenset({COVID_KEY, OTHER_KEY})
 _SHOWN_NAMES = 5
 
 
 @dataclass(frozen=True)
 class Violation:
-    """One broken rule: ``kind`` is fixed text (all the coordinator learns), ``detail`` names
-    the records and arrays involved, for the site's audit log only."""
+    """One broken rule: ``kind`` is fixed text, ``detail`` names the records, arrays and keys
+    involved (their names and shapes, never a value), for the site's audit log only."""
 
     kind: str
     detail: str
-
-
-@lru_cache(maxsize=4)
-def model_layout(model_config: str) -> Layout:
-    """The travelling-state layout of the model of ``model_config`` (the JSON the coordinator
-    sends).  Built on the meta device and materialised uninitialised: nothing is computed,
-    and no pretrained weights are read."""
-    cfg = ModelConfig(**json.loads(model_config)).without_weights()
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.to_empty(device="cpu")
-    return Layout.of(travelling_state(model, cfg))
 
 
 def _names(names: Iterable[str]) -> str:
@@ -79,22 +100,29 @@ def _names(names: Iterable[str]) -> str:
     return shown + (f" and {len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else "")
 
 
-def _category(message: Message) -> str:
-    return message.metadata.message_type.split(".", 1)[0]
-
-
-def _array_violations(request: Message, reply: Message) -> list[Violation]:
-    records = reply.content.array_records
-    if not records:
+def _record_violations(instruction: Instruction, reply: Message) -> list[Violation]:
+    expected = {METRICS_RECORD: "MetricRecord", SITE_RECORD: "ConfigRecord"}
+    if isinstance(instruction, TrainInstruction):
+        expected[ARRAYS_RECORD] = "ArrayRecord"
+    found = {name: type(record).__name__ for name, record in reply.content.items()}
+    if found == expected:
         return []
-    if _category(request) != MessageType.TRAIN:
-        return [Violation("arrays in a reply that carries none", f"records {_names(records)}")]
-    if len(records) > 1 or not set(records) <= set(request.content.array_records):
-        return [Violation("array records other than the model's", f"records {_names(records)}")]
-    config = request.content[CONFIG_RECORD]
-    layout = model_layout(str(config["model-config"]))
-    expected = layout.packed_shapes(str(config["transport-dtype"]))
-    (record,) = records.values()
+    return [Violation("records other than the protocol's", f"records {_names(found)}")]
+
+
+def _array_violations(instruction: Instruction, reply: Message) -> list[Violation]:
+    record = reply.content.array_records.get(ARRAYS_RECORD)
+    if record is None:
+        return []
+    layout = model_layout(instruction.model)
+    return _arrays_fit(record, layout.packed_shapes(instruction.transport_dtype))
+
+
+def _arrays_fit(
+    record: ArrayRecord, expected: dict[str, tuple[tuple[int, ...], str]]
+) -> list[Violation]:
+    """What breaks the rule that ``record`` holds exactly the ``expected`` arrays (name →
+    shape, dtype), their bytes exactly those of their shape."""
     out = []
     if extra := set(record) - set(expected):
         out.append(Violation("arrays that are not the model's", f"unexpected {_names(extra)}"))
@@ -114,43 +142,89 @@ def _array_violations(request: Message, reply: Message) -> list[Violation]:
     return out
 
 
-def _histograms_ok(value: list[Any], bins: int | None) -> bool:
-    return len(value) == bins and all(isinstance(v, int) and v >= 0 for v in value)
-
-
-def _metric_violations(request: Message, reply: Message) -> list[Violation]:
-    config = request.content.config_records.get(CONFIG_RECORD) or ConfigRecord()
-    bins = int(config[BINS_KEY]) if BINS_KEY in config else None
+def _metric_violations(instruction: Instruction, reply: Message) -> list[Violation]:
+    record = reply.content.metric_records.get(METRICS_RECORD)
+    if record is None:
+        return []
+    rules = reply_rules(instruction)
     out = []
-    for record_name, record in reply.content.metric_records.items():
-        for key, value in record.items():
-            where = f"{record_name}/{key}"
-            if isinstance(value, list):
-                if key not in HISTOGRAM_KEYS or not _histograms_ok(value, bins):
-                    out.append(Violation("metric lists other than the requested histograms", where))
-            elif isinstance(value, bool) or not isinstance(value, int | float):
-                out.append(Violation("metric values that are not numbers", where))
+    if extra := set(record) - set(rules):
+        out.append(Violation("metrics the protocol does not have", f"keys {_names(extra)}"))
+    if missing := set(rules) - set(record):
+        out.append(Violation("metrics the protocol needs", f"keys {_names(missing)}"))
+    bins = getattr(instruction, "histogram_bins", None)
+    for key in sorted(set(rules) & set(record)):
+        value = record[key]
+        if key in (COVID_KEY, OTHER_KEY):
+            ok = bins is not None and histogram_fits(value, bins)
+        else:
+            ok = not isinstance(value, list) and rules[key](value)
+        if not ok:
+            out.append(Violation("metric values outside the protocol's rules", f"key {key}"))
     return out
 
 
-def _config_violations(reply: Message, site_name: str) -> list[Violation]:
-    out = []
-    for record_name, record in reply.content.config_records.items():
-        if record_name != SITE_RECORD or set(record) != {SITE_KEY}:
-            detail = f"record {record_name} with keys {_names(record)}"
-            out.append(Violation("config records other than the site's name", detail))
-        elif record[SITE_KEY] != site_name:
-            out.append(Violation("a site name that is not this site's", f"record {record_name}"))
-    return out
+def _site_violations(reply: Message, site_name: str) -> list[Violation]:
+    record = reply.content.config_records.get(SITE_RECORD)
+    if record is None:
+        return []
+    if set(record) != {SITE_KEY}:
+        keys = f"keys {_names(record)}"
+        return [Violation("a site record with more than the site's name", keys)]
+    if record[SITE_KEY] != site_name:
+        return [Violation("a site name that is not this site's", f"record {SITE_RECORD}")]
+    return []
 
 
-def violations(request: Message, reply: Message, site_name: str) -> list[Violation]:
-    """Every rule of the module docstring that ``reply`` (to ``request``) breaks."""
+def violations(
+    instruction: Instruction | SecAggStage,
+    reply: Message,
+    site_name: str,
+    context: Context | None = None,
+) -> list[Violation]:
+    """Every rule of the module docstring that ``reply`` (to ``instruction``) breaks;
+    ``context`` holds the site's record of a secure aggregation (for its unmask stage)."""
+    if isinstance(instruction, SecAggStage):
+        return [
+            *_stage_violations(instruction, reply, context),
+            *_site_violations(reply, site_name),
+        ]
     return [
-        *_array_violations(request, reply),
-        *_metric_violations(request, reply),
-        *_config_violations(reply, site_name),
+        *_record_violations(instruction, reply),
+        *_array_violations(instruction, reply),
+        *_metric_violations(instruction, reply),
+        *_site_violations(reply, site_name),
     ]
+
+
+def _stage_violations(
+    stage: SecAggStage, reply: Message, context: Context | None
+) -> list[Violation]:
+    expected = {**stage.reply_records, SITE_RECORD: "ConfigRecord"}
+    found = {name: type(record).__name__ for name, record in reply.content.items()}
+    if found != expected:
+        return [Violation("records other than the protocol's", f"records {_names(found)}")]
+    if problems := stage.reply_problems(reply):
+        kind = "secure-aggregation values outside the protocol's rules"
+        return [Violation(kind, _names(problems))]
+    if isinstance(stage, SecAggMasked):
+        instruction = stage.instruction
+        spec = VectorSpec.for_instruction(
+            instruction,
+            model_layout(instruction.model),
+            local_entries(instruction.model, instruction.fedbn),
+        )
+        shapes = {MASKED_ARRAY: ((spec.length,), str(np.dtype(FIELD_DTYPE)))}
+        return _arrays_fit(reply.content.array_records[MASKED_RECORD], shapes)
+    if isinstance(stage, SecAggUnmask):
+        allowed = revealable(context.state, stage) if context is not None else None
+        record = reply.content.config_records[SECAGG_RECORD]
+        if allowed is None:
+            return [Violation("unmask shares without a finished aggregation", "")]
+        seeds, keys = set(record["seed-nodes"]), set(record["key-nodes"])
+        if not (seeds <= allowed[0] and keys <= allowed[1]) or seeds & keys:
+            return [Violation("unmask shares of sites the protocol does not allow", "")]
+    return []
 
 
 def describe(reply: Message) -> dict[str, Any]:
@@ -163,78 +237,97 @@ def describe(reply: Message) -> dict[str, Any]:
             for name, record in content.array_records.items()
         },
         "metric_keys": {name: list(record) for name, record in content.metric_records.items()},
-        "bytes": sum(record.count_bytes() for record in content.values()),
+        "bytes": sum(record_bytes(record) for record in content.values()),
     }
 
 
-def audit_log_path(node_config: Mapping[str, Any], cache_dir: Path) -> Path:
-    """The site's audit log: node-config ``audit-log``, else ``AUDIT_FILE`` in the cache."""
-    explicit = str(node_config.get("audit-log") or "").strip()
-    return Path(explicit).expanduser() if explicit else cache_dir / AUDIT_FILE
-
-
-def append_line(path: Path, entry: dict[str, Any]) -> None:
-    """Append ``entry`` as one JSON line with a single write to a file opened for appending,
-    so that lines of concurrent ClientApps never interleave."""
-    data = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+def node_audit_log(context: Context) -> Path | None:
+    """The audit log of this node: node-config ``audit-log``, else in its ``data-path``, else
+    (in simulation) in the site's cache; None when none can be told."""
+    data_path = str(context.node_config.get("data-path") or "").strip()
+    if context.node_config.get("audit-log") or data_path:
+        path = audit_log_path(context.node_config, Path(data_path).expanduser())
+        # A default log lives in the cache, which the guard never creates.
+        return path if context.node_config.get("audit-log") or path.parent.is_dir() else None
     try:
-        written = os.write(handle, data)
-    finally:
-        os.close(handle)
-    if written != len(data):
-        raise OSError(f"{path}: audit line written only in part ({written} of {len(data)} bytes)")
+        return resolve_site(context.node_config, context.run_config).cache_dir / AUDIT_FILE
+    except Exception:  # noqa: BLE001 — the handler names the problem; here there is no log
+        return None
 
 
-def _server_round(message: Message) -> int | None:
-    config = message.content.config_records.get(CONFIG_RECORD) or ConfigRecord()
-    return int(config["server-round"]) if "server-round" in config else None
+def _parsed(message: Message) -> Instruction | SecAggStage | None:
+    try:
+        return read_message(message)[0]
+    except SiteRefusal:
+        return None
+
+
+def _error_fields(reply: Message, site: str, **fields: Any) -> tuple[Message, dict[str, Any]]:
+    """An error reply and its audit fields: its fixed reason, without the site's name."""
+    return reply, {**fields, "error": reply.error.reason[len(site_error_reason(site, "")) :]}
+
+
+def _checked(
+    message: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    site: str,
+    instruction: Instruction | None,
+) -> tuple[Message, dict[str, Any]]:
+    """The reply to send and its audit fields (``instruction``: the message as the schema
+    reads it, None when it refuses it)."""
+    with issued_errors() as issued:
+        try:
+            reply = call_next(message, context)
+        except Exception as exc:  # noqa: BLE001 — client/site_errors.py normally catches all
+            log(WARNING, "site %s: the ClientApp raised %s", site, type(exc).__name__)
+            reply = error_reply(message, site, fixed_reason("internal"))
+        if reply.has_error() and reply.error.reason not in issued:
+            log(WARNING, "site %s: an error reply made outside fedct's vocabulary replaced", site)
+            reply = error_reply(message, site, fixed_reason("internal"))
+    if reply.has_error():
+        return _error_fields(reply, site)
+    if instruction is None:
+        found = [Violation("a reply to a message the schema refuses", "")]
+    else:
+        found = violations(instruction, reply, site, context)
+    fields = {**describe(reply), "blocked": bool(found)}
+    fields["reasons"] = [f"{v.kind}: {v.detail}" if v.detail else v.kind for v in found]
+    if not found:
+        return reply, fields
+    kinds = "; ".join(sorted({v.kind for v in found}))
+    log(WARNING, "site %s: egress guard blocked the %s reply: %s", site, _type(message), kinds)
+    reason = f"egress: the guard blocked the reply ({kinds})"[:MAX_REASON]
+    return _error_fields(error_reply(message, site, reason), site, **fields)
+
+
+def _type(message: Message) -> str:
+    kind = message.metadata.message_type
+    category, _, action = kind.partition(".")
+    plain = kind in (MessageType.TRAIN, MessageType.EVALUATE)
+    secure = category in (MessageType.TRAIN, MessageType.EVALUATE) and action in SECAGG_STAGES
+    return kind if plain or secure else "other"
 
 
 def egress_guard(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """The ClientApp mod: run the handler, audit its reply, and block it if it breaks a rule.
-
-    A node whose site cannot be resolved fails here, with the error its handler would raise.
-    """
-    site = resolve_site(context.node_config, context.run_config)
-    audit_log = audit_log_path(context.node_config, site.cache_dir)
+    """The ClientApp mod: run the rest of the ClientApp, check its reply against the
+    protocol, audit it, and send it, a fixed-vocabulary error in its place, or nothing but a
+    fixed error when its audit line cannot be written."""
+    site = declared_name(context.node_config, context.run_config)
+    instruction = _parsed(message)
     entry: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "run": message.metadata.run_id,
-        "round": _server_round(message),
-        "message_type": message.metadata.message_type,
+        "round": instruction.server_round if instruction else None,
+        "message_type": _type(message),
     }
+    reply, fields = _checked(message, context, call_next, site, instruction)
+    audit_log = node_audit_log(context)
     try:
-        reply = call_next(message, context)
-    except Exception as exc:
-        # Flower turns the exception into an error reply: record that one left.
-        append_line(audit_log, {**entry, "blocked": False, "raised": type(exc).__name__})
-        raise
-    if reply.has_error():
-        error = {"code": reply.error.code, "reason": reply.error.reason}
-        append_line(audit_log, {**entry, "blocked": False, "error": error})
-        return reply
-    found = violations(message, reply, site.name)
-    append_line(
-        audit_log,
-        {
-            **entry,
-            **describe(reply),
-            "blocked": bool(found),
-            "reasons": [f"{v.kind}: {v.detail}" for v in found],
-        },
-    )
-    if not found:
-        return reply
-    kinds = "; ".join(sorted({v.kind for v in found}))
-    log(
-        WARNING,
-        "site %s round %s: egress guard blocked the %s reply: %s",
-        site.name,
-        entry["round"],
-        entry["message_type"],
-        kinds,
-    )
-    reason = f"egress guard blocked the reply: {kinds} (details in the site's audit log)"
-    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=message)
+        if audit_log is None:
+            raise OSError("no audit log: the node config names neither audit-log nor a cache")
+        append_line(audit_log, {**entry, **fields})
+    except OSError as exc:
+        log(WARNING, "site %s: reply withheld, its audit line cannot be written: %s", site, exc)
+        return error_reply(message, site, fixed_reason("site"))
+    return reply

@@ -3,8 +3,9 @@
 After local training the site stores its BatchNorm entries; whenever a global model arrives
 (for training or evaluation) they replace the averaged ones before use.  Until a site has
 trained once it uses the global entries.  The entries are kept as safetensors under the
-site's state dir, named by the run key the coordinator sends (a hash of the run directory),
-so a resumed run finds them again and a new run starts afresh.
+site's state dir, named by the run's state name (a hash of the run key the coordinator sends,
+``Instruction.state_name``: no message chooses a file name), so a resumed run finds them
+again and a new run starts afresh.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from fedct.common.cache.store import atomic_open
 from fedct.common.model.classifier import bn_state_keys
 
 
-def local_bn_path(state_dir: Path, run_key: str) -> Path:
-    return Path(state_dir) / f"fedbn-{run_key}.safetensors"
+def local_bn_path(state_dir: Path, state_name: str) -> Path:
+    if not state_name.isalnum():
+        raise ValueError("a state name is a hash, letters and digits only")
+    return Path(state_dir) / f"fedbn-{state_name}.safetensors"
 
 
 def save_local_bn(model: nn.Module, path: Path) -> None:

@@ -5,6 +5,13 @@ On the deployment engine each SuperNode is started with
 ``pretrained-weights``, ``state-dir``, ``dp-epsilon-budget`` and ``slice-chunk``).  In
 simulation the node config holds only ``partition-id``; it picks an entry of the run config's
 comma-separated ``site-caches``.
+
+Before a site trains or scores it checks its cache (:func:`check_site_cache`): not being
+written by a ``fedct prepare``, prepared as the run says, and every listed scan file whole
+— header, size and sha256 against the cache's scan index (docs/ingestion.md gives what that
+costs).  A problem is one line naming the file, with the cache's own path written as
+``data-path``: the coordinator's card shows the site's name and the file, not the site's
+folders.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from pathlib import Path
 
 from flwr.app import UserConfig
 
-from fedct.common.cache.store import CacheError, check_run_settings
+from fedct.common.cache.lock import writer_of
+from fedct.common.cache.scan_index import verify_cache
+from fedct.common.cache.store import CacheError
 from fedct.common.model.weights import weights_spec
 
 
@@ -86,6 +95,11 @@ def _slice_chunk(node_config: UserConfig) -> int | None:
     return chunk
 
 
+def _simulated(node_config: UserConfig, run_config: UserConfig) -> str:
+    """The run config's ``device`` for a simulated node (``partition-id``), else ""."""
+    return str(run_config.get("device") or "") if "partition-id" in node_config else ""
+
+
 def declared_name(node_config: UserConfig, run_config: UserConfig) -> str:
     """The site's name as :func:`resolve_site` gives it, without checking its cache (for
     naming a site whose cache is broken)."""
@@ -95,19 +109,33 @@ def declared_name(node_config: UserConfig, run_config: UserConfig) -> str:
         return f"node-{node_config.get('partition-id', '?')}"
 
 
-def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
-    """The site of this node (see the module docstring); :class:`SiteConfigError` if unknown."""
-    cache = _cache_dir(node_config, run_config)
+def check_site_cache(cache: Path, run_config: UserConfig) -> int:
+    """Check the site's cache before it is used (see the module docstring); returns its
+    number of scans, or raises :class:`SiteConfigError` in one line naming the file."""
+    writer = writer_of(cache)
+    if writer is not None:
+        raise SiteConfigError(
+            f"data-path is being written by {writer}; wait for it to end before this site "
+            "trains or scores"
+        )
     if not (cache / "manifest.csv").is_file():
-        raise SiteConfigError(f"{cache}: no manifest.csv; run `fedct prepare` for this site")
+        raise SiteConfigError("data-path: no manifest.csv; run `fedct prepare` for this site")
     try:
-        check_run_settings(cache, run_config)
+        return verify_cache(cache, run_config, checksum=True)
     except CacheError as exc:
-        raise SiteConfigError(str(exc)) from exc
+        raise SiteConfigError(" ".join(str(exc).replace(str(cache), "data-path").split())) from exc
+
+
+def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
+    """The site of this node (see the module docstring), its cache checked;
+    :class:`SiteConfigError` if unknown or unusable."""
+    cache = _cache_dir(node_config, run_config)
+    check_site_cache(cache, run_config)
     return Site(
         name=str(node_config.get("site") or cache.name),
         cache_dir=cache,
-        device=str(node_config.get("device") or run_config.get("device") or "auto"),
+        # The run config (the coordinator's) picks the device only for simulated nodes.
+        device=str(node_config.get("device") or _simulated(node_config, run_config) or "auto"),
         state_dir=_optional_path(node_config.get("state-dir")) or cache / "fedct-state",
         pretrained_weights=weights_spec(str(node_config.get("pretrained-weights") or "")),
         epsilon_budget=_epsilon_budget(node_config),

@@ -13,12 +13,14 @@ ends with its default.
 Every command exits 0 on success and non-zero otherwise, with the reason as its last line:
 commands answer the errors they expect themselves; anything else (a bug, an unexpected
 failure) ends here in one line with exit 1 (``--verbose`` shows the traceback instead), and
-Ctrl-C with exit 130.
+Ctrl-C with exit 130.  SIGTERM and SIGHUP stop a command as Ctrl-C does
+(common/stop_signals.py), with exit 143 and 129.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from fedct.common.console import configure_logging
 from fedct.common.provenance import software_versions
+from fedct.common.stop_signals import exit_status, stop_signals, stopped_by
 
 DESCRIPTION = "fedct: federated COVID-19 chest-CT classification across hospitals"
 _DOCSTRING = re.compile(r'\s*(?:#[^\n]*\n\s*)*[rRuU]?("""|\'\'\')(.*?)\1', re.S)
@@ -131,21 +134,32 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     configure_logging(args.verbose)
+    with stop_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        return _commands()[args.command].run(args)
+        code = _commands()[args.command].run(args)
     except KeyboardInterrupt:
-        print(f"fedct {args.command}: interrupted", file=sys.stderr)
-        return 130
+        _say(f"fedct {args.command}: interrupted ({stopped_by()})")
+        return exit_status()
     except Exception as exc:
         if args.verbose:
             raise
         reason = " ".join(str(exc).split()) or "no message"
-        print(
+        _say(
             f"fedct {args.command}: failed: {type(exc).__name__}: {reason} "
-            "(--verbose shows the traceback)",
-            file=sys.stderr,
+            "(--verbose shows the traceback)"
         )
         return 1
+    return exit_status() if stopped_by() != "Ctrl-C" else code
+
+
+def _say(line: str) -> None:
+    """The last line, on stderr; a terminal that hung up (SIGHUP) gets none."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ def _certs(parser: argparse.ArgumentParser) -> None:
         help="issue registry.crt (for `fedct registry serve`) for these names",
     )
     parser.add_argument(
+        "--viewer-san",
+        default="",
+        metavar="NAMES",
+        help="issue viewer.crt (for `fedct serve` on a non-loopback address) for these names",
+    )
+    parser.add_argument(
         "--sites",
         default="",
         metavar="NAMES",

@@ -2,7 +2,9 @@
 a fresh or resumed run, the rounds of :mod:`fedct.server.rounds`, then the cross-site validation of
 :mod:`fedct.server.crosssite`.  Each round also logs its progress line (server/progress.py) and
 writes TensorBoard events (server/tensorboard_log.py); the run directory records the Flower
-run id.  See docs/federated.md."""
+run id, and every card the fingerprints of the site caches the coordinator can see
+(server/site_caches.py).  A run in which no round trained any site fails.  See
+docs/federated.md."""
 
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from fedct.server.central_eval import CentralEvaluator
 from fedct.server.crosssite import cross_site_validation
 from fedct.server.global_model import GlobalModel
 from fedct.server.progress import ProgressLine
-from fedct.server.roster import Roster
+from fedct.server.roster import Roster, nothing_trained
 from fedct.server.rounds import Federation
 from fedct.server.run_lock import RunLock
 from fedct.server.settings import ServerSettings
+from fedct.server.site_caches import CARD_KEY, changed_since, fingerprints
 from fedct.server.strategies import build_strategy, restore_strategy_state
 from fedct.server.superlink_outage import superlink_outage
 from fedct.server.tensorboard_log import TensorBoardLog
@@ -73,6 +76,7 @@ def _run(grid: Grid, context: Context, settings: ServerSettings, run_dir: RunDir
         server_lr=settings.server_lr,
         client_lr=settings.training.lr,
         statistics_keys=model.statistics_keys(),
+        malicious_sites=settings.malicious_sites,
     )
     run_key, first_round, roster = _open_run(settings, run_dir, model, strategy)
     run_dir.write_json(
@@ -92,7 +96,12 @@ def _run(grid: Grid, context: Context, settings: ServerSettings, run_dir: RunDir
     federation.card_extras = {
         "run": {"run_key": run_key, "flower_run_id": context.run_id},
         "software": software_versions(),
+        CARD_KEY: fingerprints(context.run_config),
     }
+    if first_round > 0 and (
+        changed := changed_since(run_dir.latest_card(), federation.card_extras[CARD_KEY])
+    ):
+        log(WARNING, "%s", changed)
     if first_round > settings.num_rounds:
         log(INFO, "all %d rounds are done; raise num-server-rounds to go on", settings.num_rounds)
         return
@@ -107,3 +116,5 @@ def _run(grid: Grid, context: Context, settings: ServerSettings, run_dir: RunDir
         final = federation.run(model.arrays(), first_round)
     if settings.cross_site:
         cross_site_validation(federation, final)
+    if failed := nothing_trained(run_dir.metrics(), first_round):
+        raise RuntimeError(failed)

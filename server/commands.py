@@ -46,6 +46,20 @@ def _registry(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--insecure", action="store_true", help="allow plaintext on a non-loopback address"
     )
+    serve.add_argument(
+        "--max-downloads-per-client",
+        type=int,
+        help="downloads one client address may have open at once (default: 4)",
+    )
+    serve.add_argument(
+        "--max-downloads", type=int, help="downloads open at once in all (default: 64)"
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        help="seconds a download waits for its client to take data before it is ended "
+        "(default: 30)",
+    )
 
 
 def _report(parser: argparse.ArgumentParser) -> None:

@@ -103,11 +103,11 @@ def cross_site_validation(federation: Federation, global_arrays: ArrayRecord) ->
     local = federation.local_models
     models = {GLOBAL: global_arrays, **{site: m.arrays for site, m in local.items()}}
     global_config, local_config = (
-        settings.cross_site_config(federation.run_key, global_model=is_global)
+        settings.cross_site_instruction(
+            federation.run_key, federation.layout.fingerprint, global_model=is_global
+        )
         for is_global in (True, False)
     )
-    for config in (global_config, local_config):
-        config["server-round"] = settings.num_rounds
     for site, own in sorted(local.items()):
         if own.round < settings.num_rounds:
             log(INFO, "cross-site: %s's own model is from round %d, its last", site, own.round)

@@ -5,18 +5,40 @@ included (learned in this run, or read back from the last card on resume), else 
 its SuperNode was registered under (``flwr supernode register --name``), else
 ``node-<id>``.  Every round's card gets a ``sites`` section: the sites that trained, those
 that failed (phase, node id and reason) and those that were not sampled (connected but not
-chosen, or not connected at all).
+chosen, or not connected at all).  A failure's reason is kept as one line: a traceback that
+Flower or Ray wrapped around a site's exception is reduced to the exception's message.
+A run in which no round trained any site is a failed run (:func:`nothing_trained`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedct.common.federation.site_error import site_of_reason
+
+MAX_REASON = 300
+_WRAPPED = re.compile(r"Message: (.*?)'?>?\s*$", re.S)  # Flower's ClientAppException
+_TRACEBACK_LINE = re.compile(r"^(File |Traceback|\^|~|\(pid=|ray::)")
+
+
+def one_line(reason: str) -> str:
+    """A failure's reason as one line of at most :data:`MAX_REASON` characters: a site's own
+    one-line reason as it is; a traceback reduced to the message it ends with."""
+    text = reason
+    wrapped = _WRAPPED.search(text)
+    if wrapped and site_of_reason(text) is None:
+        text = wrapped.group(1)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        messages = [line for line in lines if not _TRACEBACK_LINE.match(line)]
+        lines = messages[-1:] or lines[-1:]
+    line = " ".join(lines)
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
 
 
 def reported_name(reply: Message) -> str | None:
@@ -63,7 +85,7 @@ class Roster:
         return self.names.get(node_id) or self.registered.get(node_id) or f"node-{node_id}"
 
     def failure(self, node_id: int, reason: str) -> dict[str, Any]:
-        return {"site": self.name(node_id), "node_id": node_id, "reason": reason}
+        return {"site": self.name(node_id), "node_id": node_id, "reason": one_line(reason)}
 
     def round_sites(
         self,
@@ -89,3 +111,15 @@ class Roster:
             {**entry, "phase": phase} for phase, entries in failures.items() for entry in entries
         ]
         return {"trained": sorted(trained), "failed": failed, "not_sampled": not_sampled}
+
+
+def nothing_trained(lines: Sequence[dict[str, Any]], first_round: int) -> str | None:
+    """Why a run whose metrics lines are ``lines`` failed when no round from ``first_round``
+    on (round 0 is the initial model) trained any site; None when one did."""
+    rounds = [line for line in lines if int(line.get("round", 0)) >= max(1, first_round)]
+    if not rounds or any(line.get("sites") for line in rounds):
+        return None
+    failed = sorted({site for line in rounds for site in line.get("failed_sites", [])})
+    span = f"round {rounds[0]['round']}" + (f" to {rounds[-1]['round']}" if len(rounds) > 1 else "")
+    who = f"every site failed ({', '.join(failed)})" if failed else "no site replied"
+    return f"no round trained: in {span} {who}; the cards' sites.failed give each reason"

@@ -8,11 +8,10 @@ paths are resolved against the working directory of the ServerApp process.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import tomllib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,16 @@ from flwr.app import ConfigRecord, UserConfig
 
 from fedct.common.cache.scan_index import verify_cache
 from fedct.common.cache.store import CacheError
+from fedct.common.federation.messages import MAX_BINS, EvaluateInstruction, TrainInstruction
+from fedct.common.federation.secagg import MAX_SITES
+from fedct.common.federation.site_error import SchemaError
 from fedct.common.federation.transport import TRANSPORT_DTYPES
-from fedct.common.metrics.pooled_operating_point import BINS_KEY, HIST_BINS, HIST_RULES
+from fedct.common.metrics.pooled_operating_point import HIST_RULES
 from fedct.common.model.classifier import ModelConfig
 from fedct.common.model.weights import WeightsError, check_weights_available, weights_spec
 from fedct.common.training.loop import TrainConfig
 from fedct.common.training.privacy import DPSettings
-from fedct.server.strategies import STRATEGIES
+from fedct.server.strategies import ROBUST_STRATEGIES, STRATEGIES
 
 FLOWER_APP_FILE = "flower_app.toml"
 LR_SCHEDULES = ("constant", "cosine")
@@ -131,6 +133,7 @@ class ServerSettings:
     device: str
     operating_point_rule: str
     operating_point_min_specificity: float
+    operating_point_bins: int
     cross_site: bool
     cross_site_local_models: bool
     privacy: DPSettings
@@ -138,6 +141,11 @@ class ServerSettings:
     lr_schedule: str
     straggler_factor: float
     superlink_grace: float
+    secure_aggregation: bool = False
+    secagg_degree: int = 20
+    secagg_threshold: float = 0.66
+    secagg_stage_timeout: float = 300.0
+    malicious_sites: int = 1
 
     @classmethod
     def from_run_config(cls, run_config: UserConfig) -> ServerSettings:
@@ -148,22 +156,17 @@ class ServerSettings:
 
         check_types(run_config, app_defaults())
         try:
-            slice_chunk = int(get("slice-chunk"))
-            if slice_chunk < 1:
+            if int(get("slice-chunk")) < 1:
                 raise ValueError("slice-chunk must be at least 1 (slices per backbone pass)")
-            model = ModelConfig(
-                backbone=str(get("backbone")),
-                pool=str(get("pool")),  # type: ignore[arg-type]
-                norm=str(get("norm")),  # type: ignore[arg-type]
-                freeze_backbone=bool(get("freeze-backbone")),
-                freeze_bn=bool(get("freeze-bn")),
-                dropout=float(get("dropout")),
-                slice_chunk=slice_chunk,
-                pretrained_weights=weights_spec(str(get("pretrained-weights"))),
+            model = ModelConfig.from_config(
+                run_config, pretrained_weights=weights_spec(str(get("pretrained-weights")))
             )
             check_weights_available(model.backbone, model.pretrained_weights)
             # Checked here, so that a typo stops the run instead of failing at every site.
-            training = TrainConfig.from_config(run_config, proximal_mu=float(get("proximal-mu")))
+            # Flower's FedProx sends proximal-mu; every other strategy trains without the term.
+            fedprox = str(get("strategy")).strip().lower() == "fedprox"
+            mu = float(get("proximal-mu")) if fedprox else 0.0
+            training = TrainConfig.from_config(run_config, proximal_mu=mu)
             privacy = DPSettings.from_config(run_config)
         except WeightsError as exc:
             raise SettingsError(f"pretrained-weights: {exc}") from exc
@@ -192,6 +195,7 @@ class ServerSettings:
             device=str(get("device")),
             operating_point_rule=str(get("operating-point-rule")).strip(),
             operating_point_min_specificity=float(get("operating-point-min-specificity")),
+            operating_point_bins=int(get("operating-point-bins")),
             cross_site=bool(get("cross-site")),
             cross_site_local_models=bool(get("cross-site-local-models")),
             privacy=privacy,
@@ -199,8 +203,14 @@ class ServerSettings:
             lr_schedule=str(get("lr-schedule")).strip().lower(),
             straggler_factor=float(get("straggler-factor")),
             superlink_grace=float(get("superlink-grace")),
+            secure_aggregation=bool(get("secure-aggregation")),
+            secagg_degree=int(get("secagg-degree")),
+            secagg_threshold=float(get("secagg-threshold")),
+            secagg_stage_timeout=float(get("secagg-stage-timeout")),
+            malicious_sites=int(get("malicious-sites")),
         )
         settings.check()
+        settings.check_instructions()
         for cache in settings.external_caches.values():
             try:
                 verify_cache(cache, run_config)
@@ -239,28 +249,66 @@ class ServerSettings:
             problems.append("train-max-slices must be >= 0 (0 = every selected slice)")
         if self.operating_point_rule not in HIST_RULES:
             problems.append(f"operating-point-rule must be one of {', '.join(HIST_RULES)}")
+        if not 1 <= self.operating_point_bins <= MAX_BINS:
+            problems.append(f"operating-point-bins must be in [1, {MAX_BINS}]")
         if not 0.0 <= self.operating_point_min_specificity <= 1.0:
             problems.append("operating-point-min-specificity must be in [0, 1]")
         if not (self.straggler_factor == 0 or self.straggler_factor >= 1):
             problems.append("straggler-factor must be 0 (off) or at least 1")
         if self.superlink_grace <= 0:
             problems.append("superlink-grace must be positive")
+        if not 0 <= self.secagg_degree <= MAX_SITES - 1:
+            problems.append(f"secagg-degree must be in [0, {MAX_SITES - 1}] (0: every other site)")
+        if not 0.5 < self.secagg_threshold <= 1:
+            problems.append("secagg-threshold must be in (0.5, 1]")
+        if self.secagg_stage_timeout <= 0:
+            problems.append("secagg-stage-timeout must be positive")
+        if self.malicious_sites < 0:
+            problems.append("malicious-sites must be >= 0")
+        problems += self._secure_aggregation_conflicts()
         if problems:
             raise SettingsError("invalid run config: " + "; ".join(problems))
+
+    def _secure_aggregation_conflicts(self) -> list[str]:
+        """What secure aggregation cannot run with: whatever needs one site's model or
+        metrics, and federations where the sum would show one site's update."""
+        if not self.secure_aggregation:
+            return []
+        problems = []
+        if self.strategy in ROBUST_STRATEGIES:
+            problems.append(
+                f"strategy {self.strategy} compares the sites' updates, which "
+                "secure-aggregation hides from the coordinator: use fedavg, fedprox, fedadam "
+                "or fedbn, or secure-aggregation = false"
+            )
+        if self.cross_site:
+            problems.append(
+                "cross-site validation scores each site's own model and reports each site's "
+                "metrics, which secure-aggregation hides: set cross-site = false"
+            )
+        if self.min_train_nodes < 3:
+            problems.append(
+                "secure-aggregation needs min-train-nodes >= 3 (of two sites, each reads the "
+                "other's update off the next global model)"
+            )
+        return problems
 
     @property
     def min_nodes(self) -> int:
         """Nodes that must be connected before a round starts."""
         return max(self.min_available_nodes, self.min_train_nodes)
 
-    def _shared_config(self, run_key: str) -> dict[str, Any]:
+    def _common(self, run_key: str, server_round: int, layout: str) -> dict[str, Any]:
+        """The fields of every instruction (common/federation/messages.py)."""
         return {
-            "model-config": json.dumps(asdict(self.model)),
-            "batch-size": self.training.batch_size,
-            "fedbn": self.strategy == "fedbn",
-            "run-key": run_key,
+            "server_round": server_round,
+            "run_key": run_key,
             "seed": self.seed,
-            "transport-dtype": self.transport_dtype,
+            "layout": layout,
+            "transport_dtype": self.transport_dtype,
+            "fedbn": self.strategy == "fedbn",
+            "batch_size": self.training.batch_size,
+            "model": self.model.without_weights(),
         }
 
     def round_lr(self, server_round: int) -> float:
@@ -272,30 +320,41 @@ class ServerSettings:
         progress = (server_round - 1) / self.num_rounds
         return self.training.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def train_config(self, run_key: str, server_round: int) -> ConfigRecord:
-        """What every train message of ``server_round`` carries (Flower adds
-        ``server-round``, FedProx ``proximal-mu``).  ``run_key`` names the run's site-side
-        state (FedBN)."""
-        return ConfigRecord(
-            {
-                **self._shared_config(run_key),
-                **replace(self.training, lr=self.round_lr(server_round)).to_config(),
-                "train-max-slices": self.train_max_slices,
-                **self.privacy.to_config(),
-            }
-        )
+    def train_instruction(self, run_key: str, server_round: int, layout: str) -> ConfigRecord:
+        """The config of every train message of ``server_round``.  ``run_key`` names the
+        run's state at a site (FedBN, the DP ledger), ``layout`` is the packed weights'
+        fingerprint (common/federation/transport.py)."""
+        return TrainInstruction(
+            **self._common(run_key, server_round, layout),
+            training=replace(self.training, lr=self.round_lr(server_round)),
+            train_max_slices=self.train_max_slices,
+            privacy=self.privacy,
+        ).to_record()
 
-    def evaluate_config(self, run_key: str) -> ConfigRecord:
-        """What every evaluate message carries: the sites report on their tune and test splits,
-        and the histograms of their tune scores for the operating point."""
-        return ConfigRecord(
-            {**self._shared_config(run_key), "splits": "tune,test", BINS_KEY: HIST_BINS}
-        )
+    def evaluate_instruction(self, run_key: str, server_round: int, layout: str) -> ConfigRecord:
+        """The config of every evaluate message: the sites report on their tune and test
+        splits, and send the histograms of their tune scores for the operating point."""
+        return EvaluateInstruction(
+            **self._common(run_key, server_round, layout),
+            splits=("tune", "test"),
+            histogram_bins=self.operating_point_bins,
+        ).to_record()
 
-    def cross_site_config(self, run_key: str, *, global_model: bool) -> ConfigRecord:
-        """What a cross-site evaluate message carries: the test split only.  A site's own model
-        is scored as it is, BatchNorm included, wherever it goes; the global model as in every
-        round (under FedBN with each site's BatchNorm)."""
-        config = self._shared_config(run_key)
-        config["fedbn"] = config["fedbn"] and global_model
-        return ConfigRecord({**config, "splits": "test"})
+    def cross_site_instruction(
+        self, run_key: str, layout: str, *, global_model: bool
+    ) -> ConfigRecord:
+        """The config of a cross-site evaluate message: the test split only, after the last
+        round.  A site's own model is scored as it is, BatchNorm included, wherever it goes;
+        the global model as in every round (under FedBN with each site's BatchNorm)."""
+        common = self._common(run_key, self.num_rounds, layout)
+        common["fedbn"] = common["fedbn"] and global_model
+        return EvaluateInstruction(**common, splits=("test",)).to_record()
+
+    def check_instructions(self) -> None:
+        """SettingsError for a run config whose messages the sites' schema would refuse
+        (a value beyond the protocol's bounds, say ``batch-size = 10000``)."""
+        try:
+            self.train_instruction("check", 1, "0" * 16)
+            self.evaluate_instruction("check", 1, "0" * 16)
+        except SchemaError as exc:
+            raise SettingsError(f"invalid run config: {exc}") from None

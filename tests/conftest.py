@@ -9,13 +9,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+import torch
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedct.common.cache.store import write_manifest, write_scan, write_settings
+from fedct.common.federation.transport import Layout
+from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
+from fedct.server.settings import ServerSettings
 from fedct.server.settings import app_defaults as read_app_defaults
+
+TINY = ModelConfig(backbone="test_efficientnet")
 
 # Bright slices for COVID-19, dark for normal, mid for pneumonia: learnable in a round or two.
 CLASS_LEVELS = {0: 40, 1: 120, 2: 210}
@@ -92,6 +98,26 @@ def run_config(
         "run-dir": str(tmp_path / "run"),
         "node-wait-timeout": 5.0,
     }
+
+
+def instruction_message(
+    run_config: dict[str, Any], message_type: str, cfg: ModelConfig = TINY, **overrides: Any
+) -> Message:
+    """A train or evaluate message of round 3 as the coordinator's round loop sends it: the
+    instruction of ``run_config`` (with ``cfg``'s model keys and ``overrides``) and the packed
+    weights of a seeded model of ``cfg``."""
+    settings = ServerSettings.from_run_config({**run_config, **cfg.to_config(), **overrides})
+    torch.manual_seed(0)
+    state = travelling_state(build_model(cfg), cfg)
+    layout = Layout.of(state)
+    if message_type == MessageType.TRAIN:
+        config = settings.train_instruction("k1", 3, layout.fingerprint)
+    else:
+        config = settings.evaluate_instruction("k1", 3, layout.fingerprint)
+    arrays = layout.pack(state, settings.transport_dtype)
+    return Message(
+        RecordDict({"arrays": arrays, "config": config}), dst_node_id=10, message_type=message_type
+    )
 
 
 @pytest.fixture

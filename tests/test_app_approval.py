@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import os
+import re
+import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from deploy_procs import ROOT, fedct, unpack_app
 from flwr.app import Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
@@ -24,7 +31,13 @@ from flwr.supernode.nodestate import NodeStateFactory
 
 from fedct.client import commands as client_commands
 from fedct.client import site_supernode
-from fedct.client.approvals import Approvals, RecordedRun, decide
+from fedct.client.approvals import (
+    Approvals,
+    ApprovalsError,
+    RecordedRun,
+    audit_decision,
+    decide,
+)
 from fedct.common import commands as common_commands
 from fedct.common.trust import app_signing
 from fedct.common.trust.certs import supernode_key_pair
@@ -214,11 +227,14 @@ def test_approve_trust_revoke_and_list_are_audited(
     (kid,) = loaded.keys
     assert site("revoke", "ab" * 32, *files) == 0
     assert site("revoke", kid, *files) == 0
+    assert site("policy", "--min-version", "fedct/fedct", "0.1.0", *files) == 0
     capsys.readouterr()
     assert site("list", "--approvals", str(approvals)) == 0
-    assert bundle.sha256[:12] in capsys.readouterr().out
-    assert sorted(Approvals.load(approvals).bundles) == [bundle.sha256]
-    assert not Approvals.load(approvals).keys
+    listed = capsys.readouterr().out
+    assert bundle.sha256[:12] in listed and "REVOKED" in listed and ">= 0.1.0" in listed
+    loaded = Approvals.load(approvals)
+    assert sorted(loaded.bundles) == [bundle.sha256] and sorted(loaded.revoked) == ["ab" * 32]
+    assert not loaded.keys and loaded.policies["fedct/fedct"]["min_version"] == "0.1.0"
     events = [json.loads(line) for line in audit_log.read_text().splitlines()]
     assert [e["event"] for e in events] == [
         "bundle-approved",
@@ -226,16 +242,24 @@ def test_approve_trust_revoke_and_list_are_audited(
         "key-trusted",
         "bundle-revoked",
         "key-revoked",
+        "policy-set",
     ]
     assert events[0]["fab_sha256"] == bundle.sha256 and events[2]["key_id"] == kid
     assert all(e["time"] and e["approvals"] == str(approvals) for e in events)
+    # Each line names the file it wrote: a file edited by hand matches none.
+    assert events[-1]["approvals_sha256"] == hashlib.sha256(approvals.read_bytes()).hexdigest()
+    assert len({e["approvals_sha256"] for e in events}) == len(events)
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["approve", "--sha256", "ABC"], "not 64 lowercase hex digits"),
-        (["revoke", "0123456789abcdef"], "neither an approved bundle's sha256 nor a trusted key"),
+        (["revoke", "0123456789abcdef"], "neither a bundle's sha256 (64 hex digits) nor a trusted"),
+        (["revoke", "AB" * 32], "neither a bundle's sha256"),
+        (["policy", "--min-version", "fedct/fedct", "x.y"], "'x.y' is not a version (PEP 440"),
+        (["policy", "--newest-only", "../fedct"], "'../fedct' is not an app id"),
+        (["policy", "--clear", "fedct/fedct"], "fedct/fedct has no version policy to clear"),
         (["trust-key", "{ecdsa}"], "not an ed25519 key"),
         (["approve", "{missing}"], "missing"),
     ],
@@ -329,8 +353,12 @@ def test_the_supernode_stores_only_approved_bundles(
 def test_unreadable_approvals_refuse_every_bundle(
     bundle: app_signing.Bundle, tmp_path: Path
 ) -> None:
-    decision = site_supernode.check_bundle(tmp_path / "none.json", bundle.content, recorded(bundle))
-    assert not decision.approved and "approvals cannot be read" in decision.reason
+    decision = site_supernode.check_bundle(
+        tmp_path / "none.json", tmp_path / "audit.jsonl", bundle.content, recorded(bundle)
+    )
+    assert not decision.approved and decision.reason == "the site's approvals cannot be read"
+    assert str(tmp_path) not in decision.error_reason()  # the site's paths stay at the site
+    assert "none.json" in decision.log_line(1)
 
 
 def test_the_launcher_refuses_what_it_cannot_guard(
@@ -340,10 +368,429 @@ def test_the_launcher_refuses_what_it_cannot_guard(
     Approvals().save(approvals)
     supernode = ("supernode", "--approvals", str(approvals), "--")
     node_config = ["--node-config", f'data-path="{tmp_path}"']
-    assert site(*supernode, *node_config, "--allow-runtime-dependency-installation") == 2
-    assert "install packages the site has not approved" in capsys.readouterr().err
     assert site(*supernode, "--insecure") == 2
     assert "--node-config needs audit-log or data-path" in capsys.readouterr().err
     monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda message: None)
     assert site(*supernode, *node_config) == 2
     assert "cannot guard this version" in capsys.readouterr().err
+
+
+# --- the launcher reads flower-supernode's flags as Flower does --------------------------------
+
+
+@pytest.fixture
+def launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Callable[..., int], list[list[str]]]:
+    """``fedct site supernode --approvals A -- ARGS`` with a node config; Flower's SuperNode
+    itself is replaced by a recorder of its argv, so nothing starts."""
+    approvals = tmp_path / "approvals.json"
+    Approvals().save(approvals)
+    started: list[list[str]] = []
+    monkeypatch.setattr(site_supernode, "flower_supernode", lambda: started.append(sys.argv[1:]))
+    # launch() wraps Flower's step in this process: put the original back afterwards.
+    original = start_client_internal._pull_and_store_message
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", original)
+    node_config = ["--node-config", f'data-path="{tmp_path}"']
+
+    def supernode(*flower_args: str, approvals_path: Path = approvals) -> int:
+        argv = ("supernode", "--approvals", str(approvals_path), "--", *node_config, *flower_args)
+        return site(*argv)
+
+    return supernode, started
+
+
+DEPENDENCIES = "--allow-runtime-dependency-installation"
+
+
+@pytest.mark.parametrize(
+    ("flags", "refusal"),
+    [
+        ([DEPENDENCIES], "install packages the site has not approved"),
+        (["--allow-runtime-dep"], "install packages the site has not approved"),
+        (["--allow-r"], "install packages the site has not approved"),
+        (["--all"], "install packages the site has not approved"),
+        (["--isolation", "process", "--al"], "install packages the site has not approved"),
+        ([f"{DEPENDENCIES}=yes"], "ignored explicit argument 'yes'"),
+        (["--allow=1"], "ignored explicit argument '1'"),
+        (["--a"], "ambiguous option: --a could match"),
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 opens the SuperNode's Runtime API"),
+        (["--host=::"], "--host :: opens the SuperNode's Runtime API"),
+        (["--ho", "10.1.2.3", "--isolation=process"], "--host 10.1.2.3 opens"),
+        # subprocess isolation ignores the SuperExec secret (Flower says so)
+        (["--hos=0.0.0.0", "--superexec-auth-secret-file", "s"], "--host 0.0.0.0 opens"),
+        (["--clientappio-api-address=0.0.0.0:9094"], "this option is no longer supported"),
+    ],
+)
+def test_dangerous_flags_are_refused_in_any_spelling(
+    launcher: tuple[Callable[..., int], list[list[str]]],
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    refusal: str,
+) -> None:
+    supernode, started = launcher
+    assert supernode(*flags) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert refusal in line and not started
+
+
+def test_every_abbreviation_of_the_dependency_flag_is_refused(
+    launcher: tuple[Callable[..., int], list[list[str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every prefix argparse could expand to it, alone and as ``--prefix=value``."""
+    supernode, started = launcher
+    for end in range(len("--a"), len(DEPENDENCIES) + 1):
+        for spelling in (DEPENDENCIES[:end], f"{DEPENDENCIES[:end]}=true"):
+            assert supernode(spelling) == 2, spelling
+            assert "error:" in capsys.readouterr().err
+    assert not started
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--iso", "process", "--superexec-auth=secret", "--ho=0.0.0.0"],
+        ["--insecure", "--host", "localhost", "--max-retries=3"],
+        ["--host=::1", "--superlink=--allow-runtime-dependency-installation"],  # a value
+    ],
+)
+def test_safe_flags_in_any_spelling_start_flower(
+    launcher: tuple[Callable[..., int], list[list[str]]], tmp_path: Path, flags: list[str]
+) -> None:
+    supernode, started = launcher
+    assert supernode(*flags) == 0
+    assert started[0][-len(flags) :] == flags  # Flower parses the same arguments again
+    (line,) = (tmp_path / "fedct-audit.jsonl").read_text().splitlines()
+    assert json.loads(line)["event"] == "supernode-started"
+
+
+def test_the_hospital_compose_files_supernode_is_accepted(tmp_path: Path) -> None:
+    """deploy/hospital/compose.yaml binds the Runtime API to the compose network, with process
+    isolation and the SuperExec secret: what the launcher allows beyond loopback."""
+    compose = yaml.safe_load((ROOT / "deploy" / "hospital" / "compose.yaml").read_text())
+    command = compose["services"]["supernode"]["command"]
+    flower_args = [re.sub(r"\$\{[^}]*\}", "x", arg) for arg in command[command.index("--") + 1 :]]
+    args = site_supernode.flower_arguments(flower_args)
+    assert args.host == "0.0.0.0" and site_supernode.refusal(args) is None
+    exposed = [arg for arg in flower_args if arg != "--superexec-auth-secret-file"]
+    exposed.remove("/app/certificates/superexec.secret")
+    assert "Runtime API" in site_supernode.refusal(site_supernode.flower_arguments(exposed))
+
+
+# --- only this user may change the approvals (as ssh with a key file) ------------------------
+
+
+def _chmod(mode: int, *, levels_up: int = 0) -> Callable[[Path], Path]:
+    def setup(approvals: Path) -> Path:
+        target = approvals.parents[levels_up - 1] if levels_up else approvals
+        target.chmod(mode)
+        return target
+
+    return setup
+
+
+def _chown(*, levels_up: int = 0) -> Callable[[Path], Path]:
+    def setup(approvals: Path) -> Path:
+        target = approvals.parents[levels_up - 1] if levels_up else approvals
+        os.chown(target, 4242, -1)
+        return target
+
+    return setup
+
+
+def _symlink_to_group_writable(approvals: Path) -> Path:
+    real = approvals.parent.parent / "elsewhere.json"
+    approvals.rename(real)
+    real.chmod(0o664)
+    approvals.symlink_to(real)
+    return real
+
+
+AS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0, reason="giving a file to another uid needs root (CI runs as root)"
+)
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        pytest.param(_chmod(0o664), "is writable by group (mode 664)", id="group-writable file"),
+        pytest.param(_chmod(0o646), "is writable by others (mode 646)", id="world-writable file"),
+        pytest.param(
+            _chmod(0o777, levels_up=1),
+            "is writable by group and others (mode 777)",
+            id="world-writable trust",
+        ),
+        pytest.param(
+            _chmod(0o770, levels_up=1), "is writable by group (mode 770)", id="group-writable trust"
+        ),
+        pytest.param(
+            _chmod(0o757, levels_up=2),
+            "is writable by others (mode 757)",
+            id="writable grandparent",
+        ),
+        pytest.param(
+            _symlink_to_group_writable, "is writable by group (mode 664)", id="symlink to writable"
+        ),
+        pytest.param(_chown(), "owned by uid 4242", id="file of another uid", marks=AS_ROOT),
+        pytest.param(
+            _chown(levels_up=1), "owned by uid 4242", id="trust of another uid", marks=AS_ROOT
+        ),
+    ],
+)
+def test_approvals_someone_else_could_write_are_refused(
+    bundle: app_signing.Bundle,
+    tmp_path: Path,
+    launcher: tuple[Callable[..., int], list[list[str]]],
+    capsys: pytest.CaptureFixture[str],
+    setup: Callable[[Path], Path],
+    reason: str,
+) -> None:
+    approvals = tmp_path / "site" / "trust" / "approvals.json"
+    Approvals(bundles={bundle.sha256: {"app": "fedct/fedct 0.1.0"}}).save(approvals)
+    unsafe = setup(approvals)
+    before = approvals.read_bytes()
+    audit_log = tmp_path / "audit.jsonl"
+
+    decision = site_supernode.check_bundle(approvals, audit_log, bundle.content, recorded(bundle))
+    assert not decision.approved and decision.reason == "the site's approvals cannot be read"
+    assert str(unsafe) in decision.detail and reason in decision.detail
+    assert str(tmp_path) not in decision.error_reason()
+
+    supernode, started = launcher
+    assert supernode(approvals_path=approvals) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {approvals}: refused") and reason in line and not started
+    files = ("--approvals", str(approvals), "--audit-log", str(audit_log))
+    assert site("approve", "--sha256", "ab" * 32, *files) == 2
+    assert reason in capsys.readouterr().err
+    assert approvals.read_bytes() == before and not audit_log.exists()
+
+
+def test_a_sticky_shared_folder_above_the_approvals_is_accepted(
+    bundle: app_signing.Bundle, tmp_path: Path
+) -> None:
+    """Like /tmp: others may add files, but not replace or remove this user's."""
+    approvals = tmp_path / "shared" / "approvals.json"
+    Approvals(bundles={bundle.sha256: {"app": "fedct/fedct 0.1.0"}}).save(approvals)
+    approvals.parent.chmod(0o1777)
+    audit_log = tmp_path / "audit.jsonl"
+    assert site_supernode.check_bundle(
+        approvals, audit_log, bundle.content, recorded(bundle)
+    ).approved
+
+
+# --- a revocation wins, and old signed releases are not replayed -----------------------------
+
+
+def release(bundle: app_signing.Bundle, version: str) -> app_signing.Bundle:
+    """``bundle`` as if released as ``version``: another bundle, another sha256."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(bundle.content)) as source, zipfile.ZipFile(out, "w") as into:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "pyproject.toml":
+                data = re.sub(rb'(?m)^version = "[^"]*"', f'version = "{version}"'.encode(), data)
+            into.writestr(info, data)
+    return app_signing.read_bundle(out.getvalue())
+
+
+@dataclasses.dataclass
+class SigningSite:
+    """A site that trusts the release key, changed only with ``fedct site``."""
+
+    approvals: Path
+    audit_log: Path
+    keys: Path
+
+    def change(self, *argv: str) -> int:
+        return site(*argv, "--approvals", str(self.approvals), "--audit-log", str(self.audit_log))
+
+    def run(self, candidate: app_signing.Bundle) -> tuple[bool, str]:
+        """The decision on a run of ``candidate`` signed by the release key, audited as the
+        SuperNode audits it: (approved, reason)."""
+        signature = signed(self.keys, "release", candidate.sha256)
+        decision = site_supernode.check_bundle(
+            self.approvals, self.audit_log, candidate.content, recorded(candidate, signature)
+        )
+        audit_decision(self.audit_log, decision, 1)
+        return decision.approved, decision.reason
+
+
+@pytest.fixture
+def signing_site(keys: Path, tmp_path: Path) -> SigningSite:
+    trusting_site = SigningSite(tmp_path / "approvals.json", tmp_path / "audit.jsonl", keys)
+    assert trusting_site.change("trust-key", str(keys / "release.pub")) == 0
+    return trusting_site
+
+
+def test_a_revocation_wins_over_a_release_signature(
+    bundle: app_signing.Bundle, signing_site: SigningSite
+) -> None:
+    assert signing_site.run(bundle) == (True, "")
+    assert signing_site.change("revoke", bundle.sha256, "--note", "leaks through its metrics") == 0
+    approved, reason = signing_site.run(bundle)
+    assert not approved and reason.startswith("revoked at this site on ")
+    assert (
+        signing_site.change("approve", "--sha256", bundle.sha256) == 0
+    )  # approved by hash as well: still
+    assert signing_site.run(bundle) == (True, "")  # ... approving again is what lifts a revocation
+    assert signing_site.change("revoke", bundle.sha256) == 0
+    assert not signing_site.run(bundle)[0]
+    unseen = release(bundle, "0.1.1")  # a bundle the site never saw can be revoked too
+    assert signing_site.change("revoke", unseen.sha256) == 0
+    assert not signing_site.run(unseen)[0]
+    assert signing_site.change("revoke", unseen.sha256) == 2  # already revoked
+    lines = signing_site.audit_log.read_text().splitlines()
+    events = [json.loads(line)["event"] for line in lines]
+    assert events.count("bundle-revoked") == 3 and events.count("bundle-refused") == 3
+
+
+@pytest.mark.parametrize(
+    ("ran", "replayed", "approved"),
+    [
+        ("0.2.0", "0.1.0", False),
+        ("0.2.0", "0.2.0", True),  # the same release, again
+        ("0.2.0", "0.3.0", True),
+        ("0.10.0", "0.9.0", False),  # PEP 440, not text: 0.10 is the newer
+        ("1.0.0", "1.0.0rc1", False),  # a pre-release precedes its release
+        ("1.0.0", "1.0.0.post1", True),
+        ("0.2", "0.2.0", True),  # equal versions
+        ("0.2.0", "banana", False),  # no version: refused under a policy
+    ],
+)
+def test_newest_only_refuses_an_older_signed_release_once_a_newer_ran(
+    bundle: app_signing.Bundle,
+    signing_site: SigningSite,
+    ran: str,
+    replayed: str,
+    approved: bool,
+) -> None:
+    assert signing_site.change("policy", "--newest-only", "fedct/fedct") == 0
+    assert signing_site.run(release(bundle, ran)) == (True, "")
+    decision = signing_site.run(release(bundle, replayed))
+    assert decision[0] is approved
+    if not approved and replayed != "banana":
+        assert decision[1] == (
+            f"version {replayed} is older than {ran}, the newest release of fedct/fedct "
+            "approved or run here (newest-only)"
+        )
+
+
+def test_newest_only_counts_hash_approvals_and_forgets_revoked_releases(
+    bundle: app_signing.Bundle,
+    signing_site: SigningSite,
+    tmp_path: Path,
+) -> None:
+    old, new, newer = (release(bundle, v) for v in ("0.1.0", "0.2.0", "0.3.0"))
+    fab = tmp_path / "new.fab"
+    fab.write_bytes(new.content)
+    assert signing_site.change("policy", "--newest-only", "fedct/fedct") == 0
+    assert signing_site.change("approve", str(fab)) == 0  # reviewed, never run
+    assert not signing_site.run(old)[0]
+    assert signing_site.run(newer)[0]  # runs, and so becomes the newest
+    assert not signing_site.run(new)[0]
+    assert signing_site.change("revoke", newer.sha256) == 0
+    assert signing_site.change("revoke", new.sha256) == 0
+    assert signing_site.run(old) == (True, "")  # the newest left is 0.1.0
+    assert signing_site.change("policy", "--clear", "fedct/fedct") == 0
+
+
+def test_min_version_refuses_older_releases_even_approved_by_hash(
+    bundle: app_signing.Bundle, signing_site: SigningSite
+) -> None:
+    assert signing_site.change("approve", "--sha256", bundle.sha256) == 0  # 0.1.0
+    assert signing_site.change("policy", "--min-version", "hospital/other", "9.0") == 0
+    assert signing_site.run(bundle) == (True, "")  # another app's policy
+    assert signing_site.change("policy", "--min-version", "fedct/fedct", "0.2.0") == 0
+    assert signing_site.run(bundle) == (
+        False,
+        "version 0.1.0 is older than 0.2.0, the oldest of fedct/fedct run here",
+    )
+    assert signing_site.run(release(bundle, "0.2.0")) == (True, "")
+    assert signing_site.run(release(bundle, "0.10.0")) == (True, "")
+
+
+def test_a_revocation_stops_a_run_under_way(
+    bundle: app_signing.Bundle, keys: Path, tmp_path: Path, task_identity: None
+) -> None:
+    """The run's first message is accepted; then the site revokes the bundle: the run's next
+    message is refused, before the ClientApp gets it."""
+    approvals_path, audit_log = tmp_path / "approvals.json", tmp_path / "audit.jsonl"
+    trusting(keys, "release").save(approvals_path)
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    state.set_node_id(1)
+    store = ObjectStoreFactory().store()
+    pull_and_store = site_supernode.guard(
+        start_client_internal._pull_and_store_message, approvals_path, audit_log
+    )
+    signature = signed(keys, "release", bundle.sha256)
+    first, second = FakeSuperLink(bundle, signature), FakeSuperLink(bundle, signature)
+    assert pull_and_store(**first.calls(state, store)) == first.run.run_id
+    files = ("--approvals", str(approvals_path), "--audit-log", str(audit_log))
+    assert site("revoke", bundle.sha256, *files) == 0
+    assert pull_and_store(**second.calls(state, store)) == second.run.run_id
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert reply.metadata.reply_to_message_id == second.message.metadata.message_id
+    assert (
+        reply.error.code == ErrorCode.INVALID_FAB and "revoked at this site" in reply.error.reason
+    )
+    events = [json.loads(line)["event"] for line in audit_log.read_text().splitlines()]
+    assert events == ["bundle-accepted", "bundle-revoked", "bundle-refused"]
+
+
+# --- the approvals file's versions --------------------------------------------------------------
+
+
+def test_a_version_1_file_is_read_and_upgraded_cleanly(
+    bundle: app_signing.Bundle, keys: Path, tmp_path: Path
+) -> None:
+    """As fedct 0.1.0 wrote it: read as it is (a SuperNode cannot write its read-only copy),
+    and written as version 2, with everything kept, by the next change."""
+    approvals, audit_log = tmp_path / "approvals.json", tmp_path / "audit.jsonl"
+    key = (keys / "release.pub").read_text().strip()
+    kid = app_signing.key_id(app_signing.parse_public_key(key))
+    version_1 = {
+        "version": 1,
+        "bundles": {bundle.sha256: {"app": "fedct/fedct 0.1.0", "approved": "t", "note": ""}},
+        "keys": {kid: {"public_key": key, "trusted": "t", "note": ""}},
+    }
+    approvals.write_text(json.dumps(version_1))
+    loaded = Approvals.load(approvals)
+    assert loaded.format_version == 1 and decide(loaded, bundle.content, recorded(bundle)).approved
+    files = ("--approvals", str(approvals), "--audit-log", str(audit_log))
+    assert site("policy", "--newest-only", "fedct/fedct", *files) == 0
+    upgraded = json.loads(approvals.read_text())
+    assert upgraded["version"] == 2
+    assert upgraded["bundles"] == version_1["bundles"] and upgraded["keys"] == version_1["keys"]
+    assert upgraded["revoked"] == {} and upgraded["policies"]["fedct/fedct"]["newest_only"]
+    lines = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    assert [(x["event"], x.get("from_version")) for x in lines] == [
+        ("approvals-upgraded", 1),
+        ("policy-set", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            {"version": 3, "bundles": {}},
+            "not an approvals file of version 1 or 2 (written by a newer",
+        ),
+        ({"version": 1, "revoked": {}}, "unknown key 'revoked' in a version 1 file"),
+        ({"version": 2, "revoked": {"abc": {}}}, "revoked entry 'abc' is malformed"),
+        (
+            {"version": 2, "policies": {"fedct/fedct": {"min_version": "x"}}},
+            "policy of fedct/fedct",
+        ),
+        ({"version": 2, "policies": {"fedct/fedct": {"newest_only": "yes"}}}, "not true or false"),
+    ],
+)
+def test_a_malformed_approvals_file_is_refused(
+    tmp_path: Path, content: dict[str, Any], message: str
+) -> None:
+    approvals = tmp_path / "approvals.json"
+    approvals.write_text(json.dumps(content))
+    with pytest.raises(ApprovalsError, match=re.escape(message)):
+        Approvals.load(approvals)

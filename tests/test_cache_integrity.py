@@ -112,7 +112,8 @@ def test_ctrl_c_stops_prepare_in_one_line_and_the_rerun_resumes(site: Path, tmp_
             process.wait()
     assert process.returncode == 130, err
     assert "Traceback" not in err and "Error" not in err, err
-    assert _last_line(err).startswith("interrupted: ") and "run the same command again" in err
+    assert _last_line(err).startswith("interrupted (Ctrl-C): ")
+    assert "run the same command again" in err
     assert not (cache / "manifest.csv").exists()
     assert not list((cache / "scans").glob(".*.tmp"))
     finished = set(ScanIndex(cache).records)

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from flwr.app import Context, Message, RecordDict
 
+from fedct.common.federation.site_error import fixed_reason
 from fedct.common.run.directory import CheckpointError, RunDirectory
 from fedct.server.app import main
 from fedct.server.replies import collect
@@ -237,7 +238,8 @@ def test_every_round_names_who_trained_and_who_failed_with_the_reason(
     assert sites["trained"] == ["site_a", "site_b"] and sites["not_sampled"] == []
     failed = {(f["site"], f["phase"]): (f["node_id"], f["reason"]) for f in sites["failed"]}
     assert set(failed) == {(s, p) for s in ("broken", "node-13") for p in ("train", "evaluate")}
-    assert all(failed["broken", p][0] == 12 and "no manifest.csv" in failed["broken", p][1]
+    # A fixed reason: the site's path and its problem stay in the site's own log.
+    assert all(failed["broken", p] == (12, "site 'broken': " + fixed_reason("site"))
                for p in ("train", "evaluate"))  # fmt: skip
     # It never replied, so only its node id is known (its registered name where there is one).
     assert "straggler deadline" in failed["node-13", "train"][1]

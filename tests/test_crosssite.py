@@ -130,8 +130,14 @@ def test_cross_site_matrix_and_operating_point_of_a_tiny_run(
     task_identity: None,
     make_grid: Any,
 ) -> None:
+    # Site A's tune split holds 4 scans: its policy lets histograms over so few leave.
     nodes = [
-        {"data-path": str(site_caches[s]), "site": s, "audit-log": str(tmp_path / s)}
+        {
+            "data-path": str(site_caches[s]),
+            "site": s,
+            "audit-log": str(tmp_path / s),
+            "min-histogram-scans": 4,
+        }
         for s in ("site_a", "site_b")
     ]
     config = {**run_config, "num-server-rounds": 1, "strategy": "fedbn"}
@@ -162,7 +168,7 @@ def test_cross_site_matrix_and_operating_point_of_a_tiny_run(
     op = card["operating_point"]
     assert op["rule"] == "sens_at_spec" and op["min_specificity"] == 0.95
     assert op["chosen_on"] == "pooled tune splits of 1 site, 4 scans"
-    assert op["threshold"] in histogram_edges(200) or op["threshold"] > 1.0
+    assert op["threshold"] in histogram_edges(50) or op["threshold"] > 1.0
     assert json.loads((run_dir / "round_000.card.json").read_text())["operating_point"] is None
     for site in card["federated_evaluation"]["sites"]:
         assert not any(key.startswith("tune-hist") for key in site["metrics"])

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
+from conftest import instruction_message
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -23,15 +23,15 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
 import fedct.client.app as hospital
 from fedct.client.egress import egress_guard
+from fedct.client.site_errors import site_errors
 from fedct.common.cache.store import read_manifest, scan_path
-from fedct.common.federation.transport import FLOATING, INTEGER, LAYOUT_KEY, Layout
-from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
+from fedct.common.federation.site_error import fixed_reason
+from fedct.common.federation.transport import FLOATING, INTEGER
+from fedct.common.model.classifier import ModelConfig, build_model
 from fedct.server.app import main
-from fedct.server.settings import ServerSettings
 
 TINY = ModelConfig(backbone="test_efficientnet")
 Handler = Callable[[Message, Context], Message]
@@ -50,19 +50,7 @@ def _context(node_config: dict[str, Any], run_config: dict[str, Any]) -> Context
 
 
 def _request(run_config: dict[str, Any], message_type: str, cfg: ModelConfig = TINY) -> Message:
-    settings = ServerSettings.from_run_config({**run_config, "transport-dtype": "float16"})
-    if message_type == MessageType.TRAIN:
-        config = settings.train_config("k1", 1)
-    else:
-        config = settings.evaluate_config("k1")
-    config["model-config"] = json.dumps(asdict(cfg))
-    config["server-round"] = 3
-    torch.manual_seed(0)
-    state = travelling_state(build_model(cfg), cfg)
-    layout = Layout.of(state)
-    config[LAYOUT_KEY] = layout.fingerprint
-    content = RecordDict({"arrays": layout.pack(state, "float32"), "config": config})
-    return Message(content=content, dst_node_id=10, message_type=message_type)
+    return instruction_message(run_config, message_type, cfg, **{"transport-dtype": "float16"})
 
 
 def _honest_train_reply(request: Message) -> Message:
@@ -72,7 +60,9 @@ def _honest_train_reply(request: Message) -> Message:
     for key, array in request.content["arrays"].items():
         value = array.numpy()
         arrays[key] = Array(value.astype(np.float16) if value.dtype.kind == "f" else value)
-    metrics = MetricRecord({"num-examples": 8, "train-loss": 0.5})
+    metrics = MetricRecord(
+        {"num-examples": 8, "train-loss": 0.5, "train-accuracy": 0.75, "train-seconds": 1.0}
+    )
     content = RecordDict(
         {"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": "A"})}
     )
@@ -85,7 +75,7 @@ def _pixels(site_dir: Path) -> np.ndarray:
 
 
 def _guarded(request: Message, context: Context, handler: Handler) -> Message:
-    app = ClientApp(mods=[egress_guard])
+    app = ClientApp(mods=[egress_guard, site_errors])
     app.train()(handler)
     app.evaluate()(handler)
     return app(request, context)
@@ -108,7 +98,9 @@ def test_an_honest_train_reply_passes_and_is_audited(
     assert set(line["records"]) == {"arrays", "metrics", "site"}
     shape = list(request.content["arrays"][FLOATING].shape)
     assert line["arrays"]["arrays"][FLOATING] == [shape, "float16"]
-    assert line["metric_keys"] == {"metrics": ["num-examples", "train-loss"]}
+    assert line["metric_keys"] == {
+        "metrics": ["num-examples", "train-loss", "train-accuracy", "train-seconds"]
+    }
     assert line["bytes"] > 0 and line["time"].endswith("+00:00")
 
 
@@ -167,13 +159,14 @@ def _without_an_array(reply: Message, leak: Leak) -> None:
 
 NOT_THE_MODEL = "arrays that are not the model's"
 WRONG_ARRAY = "arrays of the wrong shape, dtype or size"
-NOT_THE_SITE = "config records other than the site's name"
+NOT_THE_SITE = "a site record with more than the site's name"
+RECORDS = "records other than the protocol's"
 LEAKS: dict[str, tuple[Callable[[Message, Leak], None], str]] = {
     "pixel array": (_with_pixel_array, NOT_THE_MODEL),
     "patient id in the site record": (_with_patient_in_site_record, NOT_THE_SITE),
-    "patient id record": (_with_patient_record, NOT_THE_SITE),
+    "patient id record": (_with_patient_record, RECORDS),
     "patient id as the site name": (_with_patient_as_site_name, "a site name that is not"),
-    "pixels as a metric list": (_with_pixel_metric, "metric lists other than the requested"),
+    "pixels as a metric list": (_with_pixel_metric, "metrics the protocol does not have"),
     "wrong shape": (_with_wrong_shape, WRONG_ARRAY),
     "wrong dtype": (_with_float32, WRONG_ARRAY),
     "missing array": (_without_an_array, NOT_THE_MODEL),
@@ -198,7 +191,7 @@ def test_a_leaking_train_reply_is_blocked_and_audited(
 
     request = _request(run_config, MessageType.TRAIN)
     reply = _guarded(request, _context(site_a, run_config), leaky)
-    assert reply.has_error() and reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert reply.has_error() and reply.error.reason.startswith("site 'A': egress: ")
     assert kind in reply.error.reason and patient not in reply.error.reason
     (line,) = _audit(site_a)
     assert line["blocked"] is True and any(r.startswith(kind) for r in line["reasons"])
@@ -210,7 +203,7 @@ def test_arrays_in_an_evaluate_reply_are_blocked(
 ) -> None:
     request = _request(run_config, MessageType.EVALUATE)
     reply = _guarded(request, _context(site_a, run_config), lambda m, c: _honest_train_reply(m))
-    assert reply.has_error() and "arrays in a reply that carries none" in reply.error.reason
+    assert reply.has_error() and RECORDS in reply.error.reason
 
 
 def test_head_only_mode_allows_the_head_only(
@@ -225,21 +218,22 @@ def test_head_only_mode_allows_the_head_only(
     assert not _guarded(head, context, lambda m, c: _honest_train_reply(m)).has_error()
 
     whole = _request(run_config, MessageType.TRAIN)
-    whole.content["config"]["model-config"] = head.content["config"]["model-config"]
+    whole.content["config"]["freeze-backbone"] = True
     reply = _guarded(whole, context, lambda m, c: _honest_train_reply(m))
     assert reply.has_error() and "arrays that are not the model's" in reply.error.reason
 
 
-def test_a_raising_handler_is_audited_and_still_raises(
+def test_a_raising_handler_is_audited_and_answered_in_fixed_words(
     run_config: dict[str, Any], site_a: dict[str, Any], task_identity: None
 ) -> None:
     def broken(message: Message, context: Context) -> Message:
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
-        _guarded(_request(run_config, MessageType.TRAIN), _context(site_a, run_config), broken)
+    context = _context(site_a, run_config)
+    reply = _guarded(_request(run_config, MessageType.TRAIN), context, broken)
+    assert reply.error.reason == "site 'A': " + fixed_reason("internal")
     (line,) = _audit(site_a)
-    assert line["raised"] == "RuntimeError" and line["blocked"] is False
+    assert line["error"] == fixed_reason("internal") and "disk full" not in json.dumps(line)
 
 
 def test_the_coordinator_sees_a_failure_for_the_leaking_site(
@@ -257,7 +251,7 @@ def test_the_coordinator_sees_a_failure_for_the_leaking_site(
             reply.content["arrays"]["slice"] = Array(pixels)
         return reply
 
-    leaky = ClientApp(mods=[egress_guard])
+    leaky = ClientApp(mods=[egress_guard, site_errors])
     leaky.train()(train)
     leaky.evaluate()(hospital.evaluate)
     nodes = [
@@ -278,7 +272,9 @@ def test_the_coordinator_sees_a_failure_for_the_leaking_site(
     card = json.loads((Path(config["run-dir"]) / "round_001.card.json").read_text())
     assert [p["site"] for p in card["train"]["participants"]] == ["A"]
     (failure,) = card["train"]["failures"]
-    assert failure["reason"].startswith("egress guard blocked the reply: arrays that are not")
+    assert failure["reason"].startswith(
+        "site 'B': egress: the guard blocked the reply (arrays that"
+    )
     assert "slice" not in failure["reason"]
     assert {s["site"] for s in card["federated_evaluation"]["sites"]} == {"A", "B"}
     train_b = [line for line in _audit(nodes[1]) if line["message_type"] == "train"]

@@ -18,7 +18,9 @@ import fedct.client.app as hospital
 from fedct.client.fedbn import local_bn_path
 from fedct.client.local import evaluate_site, model_for, train_site
 from fedct.client.site_data import SiteConfigError, resolve_site
-from fedct.common.federation.transport import FLOATING, LAYOUT_KEY, Layout
+from fedct.common.federation.messages import EvaluateInstruction, TrainInstruction
+from fedct.common.federation.site_error import fixed_reason
+from fedct.common.federation.transport import FLOATING, Layout
 from fedct.common.model.classifier import ModelConfig, bn_state_keys, build_model, travelling_state
 from fedct.server.app import main
 from fedct.server.replies import NodeWaitTimeout
@@ -36,12 +38,12 @@ LAYOUT = Layout.of(_global_state())
 
 
 def _config(run_config: dict[str, Any], *, train: bool, **overrides: Any) -> Any:
-    """A message config as the coordinator's round loop sends it (layout included)."""
+    """An instruction as a site parses it from the coordinator's round loop."""
     settings = ServerSettings.from_run_config({**run_config, **overrides})
-    config = settings.train_config("k1", 1) if train else settings.evaluate_config("k1")
-    config["server-round"] = 1
-    config[LAYOUT_KEY] = LAYOUT.fingerprint
-    return config
+    if train:
+        return TrainInstruction.from_record(settings.train_instruction("k1", 1, LAYOUT.fingerprint))
+    record = settings.evaluate_instruction("k1", 1, LAYOUT.fingerprint)
+    return EvaluateInstruction.from_record(record)
 
 
 def _run(grid: Any, run_config: dict[str, Any]) -> None:
@@ -55,10 +57,11 @@ def test_site_comes_from_node_config_or_simulation_partition(
     site_caches: dict[str, Path], run_config: dict[str, Any]
 ) -> None:
     site = resolve_site({"data-path": str(site_caches["site_b"]), "site": "B"}, run_config)
-    assert site.name == "B" and site.device == "cpu"
+    assert site.name == "B" and site.device == "auto"  # the run config's is for simulation
     assert site.state_dir == site_caches["site_b"] / "fedct-state"
     simulated = resolve_site({"partition-id": 1, "num-partitions": 2}, run_config)
     assert simulated.cache_dir == site_caches["site_b"] and simulated.name == "site_b"
+    assert simulated.device == "cpu"
     with pytest.raises(SiteConfigError, match="site-caches lists 2"):
         resolve_site({"partition-id": 2}, run_config)
     with pytest.raises(SiteConfigError, match="lacks data-path"):
@@ -77,7 +80,7 @@ def test_client_train_and_evaluate_on_tiny_caches(
     state = _global_state()
     arrays = LAYOUT.pack(state, "float32")
     config = _config(run_config, train=True, **{"transport-dtype": "float16"})
-    trained, metrics = train_site(sites[0], arrays, config)
+    trained, metrics = train_site(sites[0], config, arrays)
     assert trained[FLOATING].dtype == "float16"
     back = LAYOUT.unpack(trained)
     assert set(back) == set(state)
@@ -89,7 +92,7 @@ def test_client_train_and_evaluate_on_tiny_caches(
         "train-seconds",
     }
 
-    replies = [evaluate_site(site, arrays, _config(run_config, train=False)) for site in sites]
+    replies = [evaluate_site(site, _config(run_config, train=False), arrays) for site in sites]
     assert set(replies[0]) == set(replies[1])  # or the ServerApp would die
     assert replies[0]["tune-n"] == 4 and replies[0]["test-n"] == 2
     assert replies[0]["num-examples"] == 6 and 0.0 <= replies[0]["tune-auc_covid"] <= 1.0
@@ -104,9 +107,9 @@ def test_fedbn_keeps_the_site_batchnorm_state(
         {"data-path": str(site_caches["site_a"]), "state-dir": str(tmp_path)}, run_config
     )
     arrays = LAYOUT.pack(_global_state(), "float32")
-    packed, _ = train_site(site, arrays, _config(run_config, train=True, strategy="fedbn"))
+    packed, _ = train_site(site, _config(run_config, train=True, strategy="fedbn"), arrays)
     trained = LAYOUT.unpack(packed)
-    stored = load_file(local_bn_path(tmp_path, "k1"))
+    stored = load_file(local_bn_path(tmp_path, _config(run_config, train=True).state_name))
     bn_keys = bn_state_keys(build_model(TINY))
     assert set(stored) == bn_keys
     for key in bn_keys:
@@ -119,8 +122,8 @@ def test_fedbn_keeps_the_site_batchnorm_state(
         for key, value in _global_state(seed=5).items()
     }
     moved = LAYOUT.pack(shifted, "float32")
-    fedbn = evaluate_site(site, moved, _config(run_config, train=False, strategy="fedbn"))
-    plain = evaluate_site(site, moved, _config(run_config, train=False))
+    fedbn = evaluate_site(site, _config(run_config, train=False, strategy="fedbn"), moved)
+    plain = evaluate_site(site, _config(run_config, train=False), moved)
     assert fedbn["test-loss"] != plain["test-loss"]
 
 
@@ -128,6 +131,7 @@ def test_min_train_replies_keeps_the_previous_model_when_a_site_fails(
     site_caches: dict[str, Path],
     run_config: dict[str, Any],
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
     task_identity: None,
     make_grid: Any,
 ) -> None:
@@ -145,7 +149,10 @@ def test_min_train_replies_keeps_the_previous_model_when_a_site_fails(
         "only 1 of 2 train replies succeeded, min-train-replies is 2"
         in (card["train"]["kept_previous_model"])
     )
-    assert [f["reason"] for f in card["train"]["failures"]][0].count("no manifest.csv") == 1
+    # The coordinator reads a fixed reason; the site's own log names the missing manifest.
+    (failure,) = card["train"]["failures"]
+    assert failure["reason"] == "site 'C': " + fixed_reason("site")
+    assert "no manifest.csv" in caplog.text and str(broken) not in json.dumps(card)
     assert [p["site"] for p in card["train"]["participants"]] == ["A"]
     before, after = (load_file(run_dir / f"round_00{r}.safetensors") for r in (0, 1))
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -210,7 +217,7 @@ def test_cosine_lr_schedule_decays_over_the_rounds(run_config: dict[str, Any]) -
     assert lrs[0] == pytest.approx(0.01)
     assert lrs[2] == pytest.approx(0.005)
     assert all(a > b > 0 for a, b in zip(lrs, lrs[1:], strict=False))
-    assert cosine.train_config("k1", 3)["lr"] == pytest.approx(0.005)
+    assert cosine.train_instruction("k1", 3, LAYOUT.fingerprint)["lr"] == pytest.approx(0.005)
     with pytest.raises(SettingsError, match="lr-schedule"):
         ServerSettings.from_run_config({**run_config, "lr-schedule": "step"})
 
@@ -219,8 +226,10 @@ def test_slice_chunk_travels_in_the_model_config(run_config: dict[str, Any]) -> 
     """A coordinator sets the slices per backbone pass for every site (a memory/speed knob)."""
 
     def sent(config: dict[str, Any]) -> ModelConfig:
-        model_config = ServerSettings.from_run_config(config).train_config("k1", 1)
-        return ModelConfig(**json.loads(str(model_config["model-config"])))
+        record = ServerSettings.from_run_config(config).train_instruction(
+            "k1", 1, LAYOUT.fingerprint
+        )
+        return TrainInstruction.from_record(record).model
 
     assert sent(run_config).slice_chunk == 16
     assert sent({**run_config, "slice-chunk": 64}).slice_chunk == 64
@@ -236,7 +245,7 @@ def test_a_site_sets_its_own_slice_chunk_without_changing_its_scores(
     config = _config(run_config, train=False, **{"slice-chunk": 64})
     assert model_for(plain, config, arrays).cfg.slice_chunk == 64
     assert model_for(small, config, arrays).cfg.slice_chunk == 1
-    scored = [evaluate_site(site, arrays, config) for site in (plain, small)]
+    scored = [evaluate_site(site, config, arrays) for site in (plain, small)]
     assert scored[0].keys() == scored[1].keys()
     for key, value in scored[0].items():
         assert scored[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key

@@ -16,6 +16,7 @@ from test_evaluate import TINY, cache, evaluate_cli, make_run  # noqa: F401 (cac
 import fedct.common.model.inference_engine as engine
 from fedct.common.cache.dataset import Batch
 from fedct.common.model import RUNTIMES
+from fedct.common.model.cam import class_activation_maps
 from fedct.common.model.classifier import build_model
 from fedct.common.model.inference_engine import scoring_model
 from fedct.common.training.loop import evaluate
@@ -64,6 +65,18 @@ def test_a_runtime_scores_as_eager_does(runtime: str, capsys: pytest.CaptureFixt
     again, _ = scoring_model(model, runtime, CPU, 32)  # read from the export cache
     assert "exporting" not in capsys.readouterr().err
     np.testing.assert_allclose(evaluate(again, [batch], CPU).probs, fast.probs, atol=1e-6)
+
+
+@needs_runtime
+def test_a_runtime_gives_eagers_class_activation_maps() -> None:
+    """The compiled backbone's last feature maps (a second export, compiled on first use) give
+    the last-stage maps the eager backbone gives (the gradient maps need the eager model)."""
+    model = tiny_model()
+    scorer, _ = scoring_model(model, INSTALLED[0], CPU, 32)
+    slices = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = class_activation_maps(model, slices, 2, method="cam-contrast")
+    found = class_activation_maps(scorer, slices, 2, method="cam-contrast")
+    np.testing.assert_allclose(found, expected, atol=1e-4)
 
 
 def test_auto_is_eager_on_cuda_and_eager_is_eager() -> None:

@@ -78,6 +78,7 @@ def test_the_wheel_installs_under_fedct_and_runs_outside_the_checkout(tmp_path: 
          work)  # fmt: skip
     for site in SITES:
         _run([fedct, "prepare", "--input", f"raw/sites/{site}", "--out", f"cache/{site}",
+              "--labels", f"raw/sites/{site}/labels.csv",
               "--size", "32", "--min-slices", "4", "--workers", "1"], work)  # fmt: skip
     caches = ",".join(str(work / "cache" / site) for site in SITES)
     overrides = {

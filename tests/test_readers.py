@@ -11,6 +11,7 @@ from fedct.common.ingest.base import Rejection, Scan, ScanLoadError
 from fedct.common.ingest.discover import detect_format, read_input
 from fedct.common.ingest.nifti import read_nifti
 from fedct.common.ingest.slice_images import read_slice_images
+from fedct.common.ingest.walk import walk_input
 
 SPACING = (5.0, 0.8, 0.7)  # z, y, x
 
@@ -102,8 +103,8 @@ def test_format_detection(tmp_path: Path) -> None:
     _save(tmp_path / "nii" / "a.nii.gz", np.zeros((2, 2, 2), np.int16), np.eye(4))
     (tmp_path / "dcm").mkdir()
     (tmp_path / "dcm" / "IM0001").write_bytes(b"\0" * 200)
-    assert detect_format(tmp_path / "png") == "png"
-    assert detect_format(tmp_path / "nii") == "nifti"
-    assert detect_format(tmp_path / "dcm") == "dicom"
+    assert detect_format(walk_input(tmp_path / "png").files) == "png"
+    assert detect_format(walk_input(tmp_path / "nii").files) == "nifti"
+    assert detect_format(walk_input(tmp_path / "dcm").files) == "dicom"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_input(tmp_path / "missing")

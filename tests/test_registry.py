@@ -7,6 +7,9 @@ import hashlib
 import ipaddress
 import json
 import os
+import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,12 +26,13 @@ from safetensors.numpy import load_file
 
 from fedct.client import commands
 from fedct.common.cli import Command
-from fedct.common.registry_proto import registry_pb2, registry_pb2_grpc
+from fedct.common.registry_proto import ModelRef, registry_pb2, registry_pb2_grpc
 from fedct.common.run.directory import RunDirectory
 from fedct.server import commands as server_commands
 from fedct.server import registry
 
 TOKEN = "registry-test-token-0123456789"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def _certificate(
@@ -105,18 +109,33 @@ def _write_run(path: Path, rounds: int, best: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """alpha (rounds 0-2, best 1), beta (rounds 0-1, written last), and symlinks leading out."""
+    """alpha (rounds 0-2, best 1), beta (rounds 0-1, written last), and files that are not the
+    registry's own: symbolic links (out of the root and within it), hard links to files
+    outside, a FIFO."""
     root = tmp_path_factory.mktemp("runs")
     outside = tmp_path_factory.mktemp("outside")
     _write_run(root / "alpha", rounds=3, best=1)
     _write_run(root / "beta", rounds=2, best=0)
     _write_run(outside / "secret", rounds=1, best=0)
     os.utime(root / "alpha" / "latest.json", (1_000_000, 1_000_000))
+    secret, alpha = RunDirectory(outside / "secret"), RunDirectory(root / "alpha")
     (root / "escape").symlink_to(outside / "secret", target_is_directory=True)
-    secret = RunDirectory(outside / "secret")
-    alpha = RunDirectory(root / "alpha")
+    (root / "alias").symlink_to(root / "alpha", target_is_directory=True)
     alpha.weights_path(9).symlink_to(secret.weights_path(0))
     alpha.card_path(9).symlink_to(secret.card_path(0))
+    os.link(secret.weights_path(0), alpha.weights_path(10))
+    shutil.copy(secret.card_path(0), alpha.card_path(10))
+    os.link(secret.card_path(0), alpha.card_path(11))
+    shutil.copy(secret.weights_path(0), alpha.weights_path(11))
+    os.mkfifo(alpha.weights_path(12))
+    shutil.copy(secret.card_path(0), alpha.card_path(12))
+    _write_run(root / "gamma", rounds=1, best=0)
+    (root / "gamma" / "latest.json").unlink()
+    (root / "gamma" / "latest.json").symlink_to(root / "beta" / "latest.json")
+    _write_run(root / "delta", rounds=1, best=0)
+    (root / "delta" / "best.json").unlink()
+    os.link(outside / "secret" / "best.json", root / "delta" / "best.json")
+    os.utime(root / "delta" / "latest.json", (1_000_000, 1_000_000))  # beta stays the newest
     return root
 
 
@@ -131,18 +150,21 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def serve(runs: Path, pki: dict[str, Path]) -> Iterator[Callable[..., str]]:
     """Starts a TLS registry over ``runs`` for a servicer class; all are stopped at the end."""
-    servers: list[grpc.Server] = []
+    servers: list[registry.RegistryServer] = []
     tls = registry.read_tls(pki["cert"], pki["key"])
 
-    def start(servicer: type[registry.RegistryServicer] = registry.RegistryServicer) -> str:
+    def start(
+        servicer: type[registry.RegistryServicer] = registry.RegistryServicer,
+        limits: registry.Limits | None = None,
+    ) -> str:
         root = registry.RunsRoot(runs)
-        server, port = registry.create_server(servicer(root), "127.0.0.1:0", TOKEN, tls)
+        server = registry.create_server(servicer(root, limits), "127.0.0.1:0", TOKEN, tls)
         servers.append(server)
-        return f"127.0.0.1:{port}"
+        return f"127.0.0.1:{server.port}"
 
     yield start
     for server in servers:
-        server.stop(None)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -321,24 +343,202 @@ def test_bad_model_ref_is_refused(
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("ref", ["../outside:0", "/etc:0", "alpha/../beta:0"])
+def test_a_reference_names_no_path(address: str, pki: dict[str, Path], ref: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        next(_stub(address, pki).Download(registry_pb2.ModelRef(ref=ref), metadata=AUTH))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("call", ["GetCard", "Download"])
 @pytest.mark.parametrize(
-    ("ref", "code"),
+    ("ref", "reason"),
     [
-        ("../outside:0", grpc.StatusCode.INVALID_ARGUMENT),
-        ("/etc:0", grpc.StatusCode.INVALID_ARGUMENT),
-        ("alpha/../beta:0", grpc.StatusCode.INVALID_ARGUMENT),
-        ("escape:0", grpc.StatusCode.PERMISSION_DENIED),
-        ("alpha:9", grpc.StatusCode.PERMISSION_DENIED),
+        ("escape:0", "escape is a symbolic link"),  # a run folder linked out of the root
+        ("alias:0", "alias is a symbolic link"),  # ... and to a run folder within it
+        ("alpha:9", "alpha/round_009.card.json is a symbolic link"),
+        ("alpha:10", "alpha/round_010.safetensors is a hard link (2 names)"),
+        ("alpha:11", "alpha/round_011.card.json is a hard link (2 names)"),
+        ("alpha:12", "alpha/round_012.safetensors is not a regular file"),  # a FIFO: no wait
+        ("gamma:latest", "gamma/latest.json is a symbolic link"),
+        ("delta:best", "delta/best.json is a hard link (2 names)"),
     ],
 )
-def test_nothing_outside_the_root_is_served(
-    address: str, pki: dict[str, Path], ref: str, code: grpc.StatusCode
+def test_only_regular_files_with_one_name_inside_the_root_are_served(
+    address: str, pki: dict[str, Path], call: str, ref: str, reason: str
 ) -> None:
-    stub = _stub(address, pki)
-    auth = (("authorization", f"Bearer {TOKEN}"),)
+    """(ListModels leaves them all out: test_list_shows_every_checkpoint_inside_the_root.)"""
+    method = getattr(_stub(address, pki), call)
     with pytest.raises(grpc.RpcError) as caught:
-        next(stub.Download(registry_pb2.ModelRef(ref=ref), metadata=auth))
-    assert caught.value.code() == code
+        answer = method(registry_pb2.ModelRef(ref=ref), metadata=AUTH, timeout=10)
+        next(answer) if call == "Download" else answer
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.details() == reason
+
+
+def _swap_for_hard_link(weights: Path, outside: Path) -> None:
+    weights.unlink()
+    os.link(outside, weights)
+
+
+def _swap_for_symlink(weights: Path, outside: Path) -> None:
+    run = weights.parent
+    run.rename(run.with_name("moved"))
+    run.symlink_to(outside.parent, target_is_directory=True)
+    shutil.copy(run.with_name("moved") / weights.name, outside.parent / weights.name)
+
+
+@pytest.mark.parametrize(
+    ("swap", "reason"),
+    [
+        (_swap_for_hard_link, "alpha/round_000.safetensors is a hard link (2 names)"),
+        (_swap_for_symlink, "alpha is a symbolic link"),
+    ],
+)
+def test_the_opened_file_is_checked_not_the_name(
+    tmp_path: Path, swap: Callable[[Path, Path], None], reason: str
+) -> None:
+    """Between the reference's resolution (which checks every file) and the weights being
+    opened, the weights or their run folder are swapped for a link to a file outside."""
+    runs, outside = tmp_path / "runs", tmp_path / "outside" / "secret.bin"
+    _write_run(runs / "alpha", rounds=1, best=0)
+    outside.parent.mkdir()
+    outside.write_bytes(b"patient data")
+
+    class Swapping(registry.RunsRoot):
+        def resolve(self, ref: ModelRef) -> registry.Model:
+            model = super().resolve(ref)
+            swap(self.root / model.run / model.weights, outside)
+            return model
+
+    server = registry.create_server(registry.RegistryServicer(Swapping(runs)), "127.0.0.1:0", TOKEN)
+    try:
+        stub = registry_pb2_grpc.ModelRegistryStub(
+            grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Download(registry_pb2.ModelRef(ref="alpha:0"), metadata=AUTH, timeout=10))
+    finally:
+        server.stop()
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.details() == reason
+
+
+def test_stalled_downloads_block_no_one(
+    tmp_path: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client opens downloads of a checkpoint larger than the transport buffers and, after
+    the first message, never reads again; over its own connection, as an attacker would."""
+    runs, idle = tmp_path / "runs", 2.0
+    arrays = {"weight": np.zeros(6 << 20, dtype=np.float32)}  # 24 MiB
+    RunDirectory(runs / "big").save_round(0, arrays, {"created": "now"}, {"loss": 1.0}, {})
+    limits = registry.Limits(per_client=2, total=8, idle_timeout=idle)
+    servicer = registry.RegistryServicer(registry.RunsRoot(runs), limits)
+    server = registry.create_server(servicer, "127.0.0.1:0", TOKEN)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        stalled = []
+        for _ in range(2):
+            channel = grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
+            stub = registry_pb2_grpc.ModelRegistryStub(channel)
+            stalled.append(stub.Download(registry_pb2.ModelRef(ref="big:0"), metadata=AUTH))
+            assert next(stalled[-1]).HasField("metadata")
+        with pytest.raises(grpc.RpcError) as caught:
+            next(stub.Download(registry_pb2.ModelRef(ref="big:0"), metadata=AUTH))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "has 2 downloads open, the most one client may have" in caught.value.details()
+
+        # Meanwhile others are answered, well before the stalled downloads end.
+        honest = registry_pb2_grpc.ModelRegistryStub(grpc.insecure_channel(address))
+        request = registry_pb2.ListModelsRequest()
+        assert honest.ListModels(request, metadata=AUTH, timeout=idle / 2).models
+        card = honest.GetCard(registry_pb2.ModelRef(ref="big:0"), metadata=AUTH, timeout=idle / 2)
+        assert card.round == 0
+
+        # The stalled downloads end on their own; only then does their client read on.
+        deadline = time.monotonic() + 30 * idle
+        while servicer.downloads.open and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for stream in stalled:
+            with pytest.raises(grpc.RpcError) as caught:
+                for _ in stream:
+                    pass
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert (
+                caught.value.details() == f"the client took no data for {idle:g} s; download ended"
+            )
+        out = tmp_path / "model.safetensors"
+        argv = ["--registry", address, "--token-file", str(token_file), "--model", "big:0"]
+        assert _cli(commands.pull, [*argv, "--out", str(out)]) == 0
+    finally:
+        server.stop()
+    assert "sha256 verified" in capsys.readouterr().out
+
+
+def test_calls_whose_request_never_comes_block_no_one(address: str, pki: dict[str, Path]) -> None:
+    """Clients open more Download calls than a thread pool would have threads and never send
+    the request (a gRPC client streaming to a unary method), with and without the token."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+    channel = grpc.secure_channel(address, credentials, [("grpc.use_local_subchannel_pool", 1)])
+    never = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        never.wait()
+        yield from ()
+
+    download = channel.stream_stream("/fedct.registry.v1.ModelRegistry/Download")
+    pending = [download(nothing(), metadata=AUTH if i % 2 else ()) for i in range(32)]
+    try:
+        stub = _stub(address, pki)
+        assert stub.ListModels(registry_pb2.ListModelsRequest(), metadata=AUTH, timeout=10)
+    finally:
+        for call in pending:
+            call.cancel()
+        never.set()
+        channel.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-downloads-per-client", "0", "need 1 <= per client <= in all"),
+        ("--max-downloads", "2", "4 per client and 2 in all"),
+        ("--idle-timeout", "0", "idle timeout 0 s: must be more than 0"),
+    ],
+)
+def test_bad_download_limits_are_refused(
+    runs: Path,
+    token_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    value: str,
+    message: str,
+) -> None:
+    serve = ["serve", "--runs", str(runs), "--address", "127.0.0.1:0"]
+    serve += ["--token-file", str(token_file), option, value]
+    assert _cli(server_commands.registry, serve) == 2
+    assert message in capsys.readouterr().err
+
+
+def stack_one_more(slots: registry.DownloadSlots, client: str) -> None:
+    with slots.slot(client):
+        pass
+
+
+def test_downloads_are_counted_per_client_address() -> None:
+    slots = registry.DownloadSlots(registry.Limits(per_client=2, total=3, idle_timeout=1))
+    peers = ["ipv4:10.0.0.1:5000", "ipv4:10.0.0.1:5001", "ipv6:[::1]:6000"]
+    clients = [registry.client_address(peer) for peer in peers]
+    assert clients == ["10.0.0.1", "10.0.0.1", "::1"]
+    with slots.slot(clients[0]), slots.slot(clients[1]):
+        with pytest.raises(registry.RegistryError, match="10.0.0.1 has 2 downloads open"):
+            stack_one_more(slots, clients[0])
+        with (
+            slots.slot(clients[2]),  # another client still gets one
+            pytest.raises(registry.RegistryError, match="at most 3 downloads at once"),
+        ):
+            stack_one_more(slots, "10.0.0.9")
+    assert not slots.open
 
 
 def test_untrusted_server_certificate_is_refused(
@@ -356,14 +556,14 @@ def test_untrusted_server_certificate_is_refused(
 def test_plaintext_only_on_loopback(
     runs: Path, token_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server, port = registry.create_server(
+    server = registry.create_server(
         registry.RegistryServicer(registry.RunsRoot(runs)), "127.0.0.1:0", TOKEN
     )
     try:
-        argv = ["--registry", f"127.0.0.1:{port}", "--token-file", str(token_file), "--list"]
-        assert _cli(commands.pull, argv) == 0
+        argv = ["--registry", f"127.0.0.1:{server.port}", "--token-file", str(token_file)]
+        assert _cli(commands.pull, [*argv, "--list"]) == 0
     finally:
-        server.stop(None)
+        server.stop()
     assert "alpha:0" in capsys.readouterr().out
     serve = ["serve", "--runs", str(runs), "--token-file", str(token_file)]
     assert _cli(server_commands.registry, [*serve, "--address", "0.0.0.0:0"]) == 2

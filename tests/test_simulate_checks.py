@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from conftest import instruction_message
+from flwr.app import Context, MessageType, RecordDict
 
 from fedct.client.app import app as hospital
 from fedct.common.cli import main
+from fedct.common.federation.site_error import fixed_reason
 from fedct.common.run.directory import RunDirectory
 from fedct.server.run_lock import RunLock
 
@@ -134,16 +136,14 @@ def test_a_site_problem_is_one_line_in_the_sites_log_and_names_the_site(
         state=RecordDict(),
         run_config=run_config,
     )
-    message = Message(
-        RecordDict({"config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=5,
-        message_type="train",
-    )
+    message = instruction_message(run_config, MessageType.TRAIN)
     with caplog.at_level(logging.DEBUG):
         reply = hospital(message, context)
     assert reply.has_error()
-    assert reply.error.reason.startswith("site 'hospital-x': ")
-    assert "no manifest.csv" in reply.error.reason
-    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert record.exc_info is None and "hospital-x" in record.getMessage()
+    # The coordinator is told the category in fixed words, the site's log has the details.
+    assert reply.error.reason == "site 'hospital-x': " + fixed_reason("site")
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (record,) = [r for r in records if "no manifest.csv" in r.getMessage()]
+    assert not record.exc_info and "hospital-x" in record.getMessage()
     assert json.dumps(record.getMessage()).count("\\n") == 0
+    assert not (tmp_path / "missing").exists()  # the guard never creates a site's cache

@@ -256,9 +256,13 @@ def test_settings_from_the_app_defaults_and_bad_values(
     assert (
         settings.model.backbone == "efficientnet_b3" and settings.model.pretrained_weights is None
     )
-    train = settings.train_config("key", 1)
+    train = settings.train_instruction("key", 1, "0123456789abcdef")
     assert train["run-key"] == "key" and train["fedbn"] is False and "lr" in train
-    assert settings.evaluate_config("key")["splits"] == "tune,test"
+    assert train["proximal-mu"] == 0.0  # only FedProx trains with the proximal term
+    evaluate = settings.evaluate_instruction("key", 1, "0123456789abcdef")
+    assert evaluate["splits"] == "tune,test" and evaluate["tune-histogram-bins"] == 50
+    with pytest.raises(SettingsError, match="'batch-size' 5000 is not in \\[1, 4096\\]"):
+        ServerSettings.from_run_config({**config, "batch-size": 5000})
 
     resumed = ServerSettings.from_run_config({**config, "resume-from": str(tmp_path / "old")})
     assert resumed.run_dir == tmp_path / "old"

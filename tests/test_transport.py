@@ -14,7 +14,6 @@ from fedct.common.federation.transport import (
     INTEGER,
     Layout,
     TransportError,
-    check_layout,
     payload_bytes,
 )
 from fedct.common.model.classifier import ModelConfig, build_model, travelling_state
@@ -75,9 +74,14 @@ def test_weights_of_another_model_are_refused() -> None:
         layout.unpack(extra)
     with pytest.raises(TransportError, match="does not have the model.s entries"):
         layout.pack(dict(list(state.items())[1:]), "float32")
-    with pytest.raises(TransportError, match="same fedct and timm"):
-        check_layout({"layout": other.fingerprint}, layout)
-    check_layout({"layout": layout.fingerprint}, layout)
+    nan = layout.pack(state, "float32")
+    nan[FLOATING] = Array(np.full(nan[FLOATING].shape, np.nan, np.float32))
+    with pytest.raises(TransportError, match="not finite"):
+        layout.unpack(nan)
+    wrong = layout.pack(state, "float32")
+    wrong[FLOATING] = Array(np.zeros(wrong[FLOATING].shape, np.complex64))
+    with pytest.raises(TransportError, match="dtype complex64"):
+        layout.unpack(wrong)
 
 
 def _gn_state() -> dict[str, torch.Tensor]:

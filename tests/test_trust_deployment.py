@@ -13,7 +13,10 @@ pixels as metrics and writes a marker file into its host's Flower home when impo
 submitted with ``flwr run``, signed by a key nobody trusts: at hospital-a none of its code runs
 and the model card records the site's refusal, while at hospital-u it runs and the pixels
 arrive (as numbers, which even the egress guard lets through: docs/privacy-egress.md).  Then
-the release-signed fedct runs and completes at both.  Clients without the operator's
+the release-signed fedct runs and completes at both; revoked at hospital-a with ``fedct site
+revoke``, the same signed bundle is refused there at the next run.  ``fedct site supernode``
+started with hospital-a's key and an abbreviated dependency flag, or with a trust folder its
+group may write, exits with one line and never joins.  Clients without the operator's
 certificate cannot use the Control API.  Every process is stopped by its process group.
 """
 
@@ -47,6 +50,7 @@ from deploy_procs import (
     register_sites,
     start_superlink,
     start_supernode,
+    supernode_command,
     unpack_app,
     wait_for_port,
 )
@@ -72,6 +76,7 @@ from flwr.clientapp import ClientApp
 
 from fedct.client.local import evaluate_site, train_site
 from fedct.client.site_data import resolve_site
+from fedct.common.federation.messages import EvaluateInstruction, TrainInstruction
 from fedct.common.cache.store import read_manifest, scan_path
 
 Path(os.environ["FLWR_HOME"], "{MARKER}").write_text("imported")
@@ -82,7 +87,7 @@ app = ClientApp()
 @app.train()
 def train(message: Message, context: Context) -> Message:
     site = resolve_site(context.node_config, context.run_config)
-    arrays, metrics = train_site(site, message.content["arrays"], message.content["config"])
+    arrays, metrics = train_site(site, *TrainInstruction.from_message(message))
     scan = read_manifest(site.cache_dir)[0]["scan_id"]
     for i, value in enumerate(np.load(scan_path(site.cache_dir, scan))[0, 0, :16]):
         metrics[f"pixel-{{i}}"] = float(value)
@@ -95,7 +100,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     site = resolve_site(context.node_config, context.run_config)
-    metrics = evaluate_site(site, message.content["arrays"], message.content["config"])
+    metrics = evaluate_site(site, *EvaluateInstruction.from_message(message))
     content = RecordDict({{"metrics": metrics, "site": ConfigRecord({{"name": site.name}})}})
     return Message(content=content, reply_to=message)
 '''
@@ -469,3 +474,79 @@ def test_the_release_signed_app_runs_and_completes(
         "evaluate",
     }
     assert not (hospitals[GUARDED] / "flwr-home" / MARKER).exists()
+
+
+# --- a revocation wins over a signature; the launcher refuses before joining -----------------
+
+
+def test_a_revoked_release_never_runs_again(
+    federation: Federation,
+    hospitals: dict[str, Path],
+    release_keys: Path,
+    apps: dict[str, Path],
+    processes: Processes,
+    tmp_path: Path,
+) -> None:
+    """The release-signed fedct that completed above, revoked at hospital-a with
+    ``fedct site revoke``: the next run of the same signed bundle is refused there."""
+    sha256 = app_signing.bundle_of(apps["fedct"]).sha256
+    guarded = hospitals[GUARDED]
+    files = ("--approvals", str(guarded / "approvals.json"))
+    files += ("--audit-log", str(guarded / "audit" / "fedct-audit.jsonl"))
+    revoke = ("revoke", sha256, "--note", "withdrawn by the IG board")
+    assert fedct(client_commands.site, *revoke, *files) == 0
+    card = run_app(federation, apps["fedct"], tmp_path / "revoked", release_keys / "release.key")
+    assert [p["site"] for p in card["train"]["participants"]] == [UNGUARDED]
+    failures = card["train"]["failures"] + card["federated_evaluation"]["failures"]
+    assert len(failures) == 2, card
+    for failure in failures:
+        assert (
+            f"the site refused app bundle sha256 {sha256}: revoked at this site on "
+            in (failure["reason"])
+        )
+        assert str(federation.hosts) not in failure["reason"]
+    log = (processes.logs / f"supernode-{GUARDED}.log").read_text()
+    assert log.count(f"fedct: REFUSED app bundle sha256 {sha256}") == 2
+    events = [line["event"] for line in audit_lines(guarded) if "event" in line]
+    assert events[-3:] == ["bundle-revoked", "bundle-refused", "bundle-refused"]
+
+
+def test_the_launcher_refuses_before_joining(
+    federation: Federation, hospitals: dict[str, Path], processes: Processes
+) -> None:
+    """hospital-a's own key and approvals, started again by ``fedct site supernode``: with
+    Flower's dependency flag abbreviated, and with a trust folder its group may write.  Each
+    exits at once with one line; nothing joins."""
+    guarded = hospitals[GUARDED]
+    shared = guarded / "shared-trust"
+    shared.mkdir()
+    shutil.copy(guarded / "approvals.json", shared / "approvals.json")
+    shared.chmod(0o775)
+    node_config = f'data-path="{guarded}" audit-log="{guarded / "refusals.jsonl"}"'
+    cases = {
+        "abbreviated": (guarded / "approvals.json", ["--allow-r"]),
+        "group-writable": (shared / "approvals.json", []),
+    }
+    started = {}
+    for name, (approvals, flags) in cases.items():
+        launcher = [str(BIN / "fedct"), "site", "supernode", "--approvals", str(approvals), "--"]
+        command = supernode_command(
+            f"127.0.0.1:{federation.fleet_port}",
+            free_port(),
+            "--root-certificates",
+            str(federation.ca),
+            "--auth-supernode-private-key",
+            str(guarded / "pki" / "supernodes" / f"{GUARDED}.key"),
+            *flags,
+            node_config=node_config,
+            launcher=launcher,
+        )
+        started[name] = processes.start(f"refused-{name}", command, host_env(guarded / name))
+    for process in started.values():
+        assert process.wait(timeout=120) == 2
+    (abbreviated,) = processes.log(started["abbreviated"]).splitlines()
+    assert "--allow-runtime-dependency-installation would let a run install" in abbreviated
+    (writable,) = processes.log(started["group-writable"]).splitlines()
+    assert f"its folder {shared} is writable by group (mode 775)" in writable
+    assert not (guarded / "refusals.jsonl").exists()
+    assert node_statuses(federation.env) == ["online", "online"]

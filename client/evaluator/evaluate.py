@@ -6,7 +6,11 @@ normalisation the model was trained with; a cache prepared with other settings i
 The COVID-19 operating point is never chosen on the data being reported: it is the card's,
 else chosen on ``--tune-data``, else a fixed 0.5 marked as not tuned.  Writes
 predictions.csv, metrics.json and report.html (docs/evaluation.md); an --out folder that
-holds an earlier evaluation is replaced only with ``--force``.
+holds an earlier evaluation is replaced only with ``--force``.  Data without labels is scored
+and written to predictions.csv only (metrics need labels); on a raw folder predictions.csv
+names each scan's source path and StudyInstanceUID, so that an evaluator can find a case.
+:func:`score_scans` and :func:`prepared_raw` are the scoring and preparation that
+``fedct diagnose`` shares.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedct.client.evaluator.report import UNTUNED, ci_text, render_report
+from fedct.client.evaluator.study_input import ScanSource, scan_sources
 from fedct.common import html_page
 from fedct.common.cache.config import (
     ABSENT_MEANS,
@@ -39,7 +44,8 @@ from fedct.common.cache.config import (
 )
 from fedct.common.cache.dataset import CacheDataset, make_loader, to_model_input
 from fedct.common.cache.lung_mask import outline, read_lung_mask
-from fedct.common.cache.prepare import prepare
+from fedct.common.cache.prepare import PrepareResult, prepare
+from fedct.common.cache.pseudonym import load_or_create_salt
 from fedct.common.cache.scan_index import verify_cache
 from fedct.common.cache.store import (
     CacheError,
@@ -51,6 +57,7 @@ from fedct.common.cache.store import (
 )
 from fedct.common.classes import COVID_INDEX, GLOBAL_CLASSES, LabelMapError
 from fedct.common.console import out as stdout
+from fedct.common.ingest.base import Rejection
 from fedct.common.ingest.labels import LabelsError
 from fedct.common.metrics.bootstrap import full_report, roc_band
 from fedct.common.metrics.calibration import (
@@ -90,6 +97,8 @@ PREDICTION_FIELDS = (
     *PROB_FIELDS,
     "predicted_class",
     "called_covid19",
+    "source",
+    "study_uid",
 )
 OUTPUTS = ("predictions.csv", "metrics.json", "report.html")
 
@@ -102,6 +111,8 @@ class EvalData:
     kind: str  # "cache" or "raw folder"
     settings: dict[str, Any]
     rejected: dict[str, int]  # raw inputs prepare could not use, by reason
+    rejections: tuple[Rejection, ...] = ()
+    sources: dict[str, ScanSource] = field(default_factory=dict)  # raw folder: by scan id
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,14 +148,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     notes: list[str] = []
     with _cache_for(args, loaded, notes) as data:
         dataset = CacheDataset(data.cache_dir, splits)
+        labelled = len(dataset) > 0
+        if not labelled:
+            dataset = CacheDataset(data.cache_dir, splits, unlabelled=True)
         if len(dataset) == 0:
-            raise ValueError(f"{args.data}: no labelled scans in split(s) {args.splits or 'any'}")
+            raise ValueError(_no_scans(args, data))
         scorer, engine = scoring_model(
             loaded.model, args.engine, device, int(data.settings["size"])
         )
         op, op_source = _operating_point(loaded, scorer, tuning, dataset, args, device, notes)
-        loader = make_loader(dataset, args.batch_size)
-        result = evaluate(scorer, loader, device, progress=True, temperature=loaded.temperature)
+        result = score_scans(
+            scorer, dataset, args.batch_size, device, loaded.temperature, progress=True
+        )
+        if not labelled:
+            args.out.mkdir(parents=True, exist_ok=True)
+            for stale in OUTPUTS[1:]:  # an earlier evaluation's metrics are not this data's
+                (args.out / stale).unlink(missing_ok=True)
+            _write_predictions(args.out / "predictions.csv", dataset.rows, result, op, data)
+            _print_unlabelled(result, op, op_source, notes, args.out)
+            return 0
         # Patients are resampled in the order of their pixels' digests, not of the salted
         # pseudonyms: a raw folder and its prepared cache give the same intervals.
         keys = patient_content_keys(data.cache_dir, dataset.rows)
@@ -184,7 +206,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     }
     report = jsonable(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(args.out / "predictions.csv", dataset.rows, result, op)
+    _write_predictions(args.out / "predictions.csv", dataset.rows, result, op, data)
     with atomic_open(args.out / "metrics.json") as handle:
         json.dump(report, handle, indent=2, allow_nan=False)
         handle.write("\n")
@@ -212,7 +234,7 @@ def _cache_for(
                 f"{data}: is a prepared cache; --labels, --label-map and --format apply to raw "
                 "folders only"
             )
-        verify_cache(data)
+        verify_cache(data, checksum=True)  # the scans scored are the ones the index names
         cached = read_settings(data) or {}
         wanted = {k: v for k, v in settings.items() if k not in missing}
         differ = list(differing_settings(cached, wanted))
@@ -226,17 +248,81 @@ def _cache_for(
         used = {k: cached.get(k, ABSENT_MEANS.get(k)) for k in settings}
         yield EvalData(data, "cache", used, {})
         return
-    cfg = PrepareConfig(
-        **settings, splits=(0.0, 0.0, 1.0), format=args.format, workers=args.workers
-    )
-    with tempfile.TemporaryDirectory(prefix="fedct-evaluate-") as tmp:
-        prepared = prepare(
-            data, Path(tmp), cfg, labels=args.labels, label_map=args.label_map, progress=True
-        )
+    with prepared_raw(
+        data,
+        settings,
+        fmt=args.format,
+        workers=args.workers,
+        labels=args.labels,
+        label_map=args.label_map,
+    ) as (cache_dir, prepared):
         rejected = dict(Counter(r.reason for r in prepared.rejections))
         if rejected:
             notes.append(f"{sum(rejected.values())} raw inputs could not be used: {rejected}")
-        yield EvalData(Path(tmp), "raw folder", settings, rejected)
+        sources = scan_sources(data, args.format, load_or_create_salt(cache_dir))
+        rows = {row["scan_id"] for row in prepared.rows}
+        yield EvalData(
+            cache_dir,
+            "raw folder",
+            settings,
+            rejected,
+            tuple(prepared.rejections),
+            {scan_id: s for scan_id, s in sources.items() if scan_id in rows},
+        )
+
+
+@contextmanager
+def prepared_raw(
+    data: Path,
+    settings: dict[str, Any],
+    *,
+    fmt: str = "auto",
+    workers: int = 1,
+    labels: Path | None = None,
+    label_map: Path | None = None,
+    parent: Path | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[Path, PrepareResult]]:
+    """The raw folder ``data`` prepared with a model's cache ``settings`` into a temporary
+    cache (under ``parent``, default the system's temporary folder), removed afterwards."""
+    cfg = PrepareConfig(**settings, splits=(0.0, 0.0, 1.0), format=fmt, workers=workers)
+    with tempfile.TemporaryDirectory(prefix="fedct-prepared-", dir=parent) as tmp:
+        result = prepare(
+            data, Path(tmp), cfg, labels=labels, label_map=label_map, progress=progress
+        )
+        yield Path(tmp), result
+
+
+def score_scans(
+    scorer: SliceClassifier,
+    dataset: CacheDataset,
+    batch_size: int,
+    device: torch.device,
+    temperature: float,
+    *,
+    progress: bool = False,
+) -> EvalResult:
+    """The class probabilities of every scan of ``dataset`` at the card's calibration
+    ``temperature``: what evaluate reports and diagnose shows, computed here once for both."""
+    return evaluate(
+        scorer,
+        make_loader(dataset, batch_size),
+        device,
+        progress=progress,
+        temperature=temperature,
+    )
+
+
+def _no_scans(args: argparse.Namespace, data: EvalData) -> str:
+    """Why nothing could be scored: the raw inputs' own reasons, else the splits asked for."""
+    if data.rejections:
+        reasons = "; ".join(
+            f"{r.path}: {r.reason}" + (f" ({r.detail})" if r.detail else "")
+            for r in data.rejections[:5]
+        )
+        more = len(data.rejections) - 5
+        return f"{args.data}: no usable scan: {reasons}" + (f"; {more} more" if more > 0 else "")
+    return f"{args.data}: no scans in split(s) {args.splits or 'any'}"
 
 
 def _settings_text(settings: dict[str, Any], names: Sequence[str]) -> str:
@@ -351,9 +437,10 @@ def _curves(
 
 
 def _write_predictions(
-    path: Path, rows: list[dict[str, str]], result: EvalResult, op: OperatingPoint
+    path: Path, rows: list[dict[str, str]], result: EvalResult, op: OperatingPoint, data: EvalData
 ) -> None:
     split_of = {r["scan_id"]: r["split"] for r in rows}
+    unknown = ScanSource("", "")
     called = op.predict_covid(result.probs)
     with atomic_open(path) as handle:
         writer = csv.writer(handle)
@@ -364,10 +451,11 @@ def _write_predictions(
                     scan_id,
                     result.patient_ids[i],
                     split_of[scan_id],
-                    GLOBAL_CLASSES[result.labels[i]],
+                    GLOBAL_CLASSES[result.labels[i]] if result.labels[i] >= 0 else "",
                     *(f"{p:.6f}" for p in result.probs[i]),
                     GLOBAL_CLASSES[int(result.probs[i].argmax())],
                     int(called[i]),
+                    *data.sources.get(scan_id, unknown),
                 ]
             )
 
@@ -461,6 +549,24 @@ def decisions_differ(result: EvalResult, op: OperatingPoint) -> int:
     or the other way round: why the 3 × 3 and the 2 × 2 confusion matrices disagree."""
     argmax_covid = result.probs.argmax(axis=1) == COVID_INDEX
     return int(np.sum(argmax_covid != op.predict_covid(result.probs)))
+
+
+def _print_unlabelled(
+    result: EvalResult, op: OperatingPoint, op_source: str, notes: list[str], out: Path
+) -> None:
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    called = int(op.predict_covid(result.probs).sum())
+    stdout.print(
+        f"{len(result.scan_ids)} unlabelled scans scored, {called} called COVID-19 at threshold "
+        f"{op.threshold:.4g} ({op_source}); no metrics without labels",
+        highlight=False,
+    )
+    stdout.print(
+        f"wrote predictions.csv to {out}; `fedct diagnose` gives each study a page with its "
+        "evidence",
+        highlight=False,
+    )
 
 
 def _print_summary(report: dict[str, Any], out: Path) -> None:

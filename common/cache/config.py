@@ -32,6 +32,13 @@ class LungFocus:
     only: bool = False
 
 
+# Bounds checked before anything is written.  A cached slice larger than 1024² (twice
+# ai-corona's 512², and most CT slices' own 512²) adds no information and grows the cache 4x.
+SIZE_RANGE = (16, 1024)
+MAX_WORKERS = 256
+MAX_MIN_SLICES = 10_000
+
+
 @dataclass(frozen=True)
 class PrepareConfig:
     size: int = 512
@@ -48,6 +55,21 @@ class PrepareConfig:
     @property
     def lung_focus(self) -> LungFocus:
         return LungFocus(crop=self.lung_crop, only=self.lung_only)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not SIZE_RANGE[0] <= self.size <= SIZE_RANGE[1]:
+            problems.append(f"--size {self.size}: must be {SIZE_RANGE[0]} to {SIZE_RANGE[1]}")
+        if not 0.0 < self.fraction <= 1.0:
+            problems.append(f"--fraction {self.fraction}: must be in (0, 1]")
+        if not 1 <= self.min_slices <= MAX_MIN_SLICES:
+            problems.append(f"--min-slices {self.min_slices}: must be 1 to {MAX_MIN_SLICES}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            problems.append(f"--workers {self.workers}: must be 1 to {MAX_WORKERS}")
+        if self.seed < 0:
+            problems.append(f"--seed {self.seed}: must not be negative")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def cache_settings(self) -> dict[str, Any]:
         """The settings that change cached pixels: a cache is only extended with equal ones."""

@@ -13,6 +13,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from fedct.common.cache.store import SPLITS, CacheError, content_order, read_manifest, scan_path
 from fedct.common.classes import GLOBAL_CLASSES
 
+UNLABELLED = -1  # the class index of a scan without a label (the manifest's class_index)
+
 
 class ScanItem(NamedTuple):
     pixels: torch.Tensor  # (S, 1, H, W) float32 grey values in [0, 1]
@@ -37,7 +39,8 @@ def to_model_input(pixels: np.ndarray) -> torch.Tensor:
 
 
 class CacheDataset(Dataset[ScanItem]):
-    """The labelled scans of one cache, optionally restricted to some splits.
+    """The labelled scans of one cache (with ``unlabelled``, every scan; an unlabelled one has
+    label :data:`UNLABELLED`), optionally restricted to some splits.
 
     ``max_slices`` > 0 makes every access return a fresh random subset of at most that many of
     a scan's slices, in order: a training-time augmentation that also bounds the compute per
@@ -52,6 +55,7 @@ class CacheDataset(Dataset[ScanItem]):
         *,
         max_slices: int = 0,
         seed: int = 0,
+        unlabelled: bool = False,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.max_slices = max_slices
@@ -62,7 +66,8 @@ class CacheDataset(Dataset[ScanItem]):
         rows = [
             row
             for row in read_manifest(self.cache_dir)
-            if int(row["class_index"]) >= 0 and (splits is None or row["split"] in splits)
+            if (unlabelled or int(row["class_index"]) >= 0)
+            and (splits is None or row["split"] in splits)
         ]
         self.rows = sorted(rows, key=content_order(self.cache_dir))
 
@@ -74,7 +79,7 @@ class CacheDataset(Dataset[ScanItem]):
         path = scan_path(self.cache_dir, row["scan_id"])
         try:
             pixels = np.load(path, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # numpy's header parser raises many types on damaged bytes
             raise CacheError(f"{path}: unreadable cached scan ({exc})") from exc
         if 0 < self.max_slices < len(pixels):
             pixels = pixels[np.sort(self._rng.choice(len(pixels), self.max_slices, replace=False))]

@@ -23,6 +23,7 @@ from fedct.common.cache.qa import input_id
 from fedct.common.cache.selection import middle_slices
 from fedct.common.ingest.base import Ignored, Rejection, ScanLoadError
 from fedct.common.ingest.discover import read_input
+from fedct.common.ingest.voxels import brief, read_checked
 
 
 def _site_salt(cache: Path) -> bytes:
@@ -74,10 +75,13 @@ def inspect_input(
             continue
         if dump_hu is not None:
             try:
-                volume = item.load(0, item.n_slices).astype(np.float32)
+                volume = read_checked(item, 0, item.n_slices)[0].astype(np.float32)
             except ScanLoadError as exc:
                 failed = exc.rejection
                 reject(Rejection(failed.path, failed.reason, failed.detail, item.files))
+                continue
+            except Exception as exc:  # a reader failing in a way no rule foresaw
+                reject(Rejection(item.source, "reader-error", brief(exc), item.files))
                 continue
             dump_hu.mkdir(parents=True, exist_ok=True)
             np.save(dump_hu / f"{Path(item.series_key).name}.npy", volume)

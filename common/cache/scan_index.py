@@ -11,6 +11,12 @@ A scan file is *whole* when its size and sha256 match its line.  A scan written 
 fedct has no line; it is whole when it is a readable ``.npy`` file of the size its header
 implies (then its line is added).  Anything else — truncated, zero bytes, bit flips — is
 damaged and prepared again.
+
+Before a cache is used (a run's pre-flight, each site before it trains or scores, ``fedct
+evaluate``) :func:`verify_cache` checks every listed scan's header (uint8 slices of the
+cache's size) and size, and with ``checksum`` its sha256 against this index.  A cache's
+:func:`fingerprint` names its content (manifest and index) in a model card, so that a
+resumed run can tell that a cache changed since it began.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from fedct.common.cache.store import (
     CacheError,
     atomic_open,
     check_run_settings,
+    naming_path,
     read_manifest,
+    read_settings,
     scan_path,
 )
 
@@ -50,11 +58,12 @@ class ScanRecord:
         return json.dumps({"scan_id": self.scan_id, "bytes": self.bytes, "sha256": self.sha256})
 
 
-def npy_problem(path: Path) -> str | None:
+def npy_problem(path: Path, size: int | None = None) -> str | None:
     """Why ``path`` is not a whole ``.npy`` file (None when it is): unreadable, a bad
-    header, or a size other than its header implies."""
+    header, a size other than its header implies, or (``size`` given) other than uint8
+    slices of ``size`` × ``size``."""
     try:
-        size = path.stat().st_size
+        file_size = path.stat().st_size
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
             read_header = (
@@ -66,11 +75,13 @@ def npy_problem(path: Path) -> str | None:
             offset = handle.tell()
     except FileNotFoundError:
         return "missing"
-    except (OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # numpy's header parser raises many types on damaged bytes
         return f"not a .npy file ({exc})" if str(exc) else "not a .npy file"
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size != expected:
-        return f"{size} bytes where its header implies {expected}"
+    if file_size != expected:
+        return f"{file_size} bytes where its header implies {expected}"
+    if size is not None and (dtype != np.uint8 or len(shape) != 3 or shape[1:] != (size, size)):
+        return f"holds {dtype} {shape}, not uint8 slices of {size} x {size}"
     return None
 
 
@@ -94,7 +105,7 @@ class ScanIndex:
         """Record a scan just written (flushed to disk before returning)."""
         self.records[record.scan_id] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
+        with naming_path(self.path), open(self.path, "a") as handle:
             handle.write(record.line() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -130,19 +141,23 @@ class ScanIndex:
                 handle.write(record.line() + "\n")
 
 
-def verify_cache(cache_dir: Path, run_config: Mapping[str, Any] | None = None) -> int:
+def verify_cache(
+    cache_dir: Path, run_config: Mapping[str, Any] | None = None, *, checksum: bool = False
+) -> int:
     """Check a cache before it is used: its settings (against ``run_config``'s, when given),
-    its manifest, and the size of every scan file it lists.  Returns the number of scans;
-    raises :class:`CacheError` naming the first damaged file."""
+    its manifest, and every scan file it lists: its header and size, and with ``checksum``
+    its sha256 against the scan index.  Returns the number of scans; raises
+    :class:`CacheError` naming the first damaged file (and how many more there are)."""
     cache_dir = Path(cache_dir)
     if run_config is not None:
         check_run_settings(cache_dir, run_config)
     rows = read_manifest(cache_dir)
     index = ScanIndex(cache_dir)
+    size = (read_settings(cache_dir) or {}).get("size")
     damaged = [
         (row["scan_id"], problem)
         for row in rows
-        if (problem := index.problem(row["scan_id"], checksum=False)) is not None
+        if (problem := _scan_problem(index, row["scan_id"], size, checksum)) is not None
     ]
     if damaged:
         scan_id, problem = damaged[0]
@@ -152,6 +167,29 @@ def verify_cache(cache_dir: Path, run_config: Mapping[str, Any] | None = None) -
             "run `fedct prepare` on this site again to prepare it anew"
         )
     return len(rows)
+
+
+def _scan_problem(index: ScanIndex, scan_id: str, size: Any, checksum: bool) -> str | None:
+    recorded = index.problem(scan_id, checksum=checksum)
+    return recorded or npy_problem(
+        scan_path(index.cache_dir, scan_id), size if isinstance(size, int) else None
+    )
+
+
+def fingerprint(cache_dir: Path) -> str:
+    """A short name of a cache's content: the sha256 of its manifest and of its scan index's
+    records (which name every scan file's sha256), so that it changes when any scan, label or
+    split does.  Computed from small files only: :func:`verify_cache` with ``checksum`` ties
+    the scan files to the index."""
+    cache_dir = Path(cache_dir)
+    digest = hashlib.sha256()
+    try:
+        digest.update((cache_dir / "manifest.csv").read_bytes())
+    except OSError:
+        digest.update(b"no manifest")
+    for record in sorted(ScanIndex(cache_dir).records.values(), key=lambda r: r.scan_id):
+        digest.update(record.line().encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:

@@ -12,7 +12,8 @@ Layout of a cache directory::
     .salt               the site's pseudonym salt (never leaves the site)
 
 Every file is written to a temporary name and renamed, so an interrupted ``prepare`` never
-leaves a half-written scan or manifest behind.
+leaves a half-written scan or manifest behind; a write that fails (a full disk) names the
+file it was writing.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ class CacheError(RuntimeError):
 
 
 @contextmanager
+def naming_path(path: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block with ``path`` as its file name (a failed write()
+    names no file: ENOSPC would say "No space left on device" and nothing else)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+@contextmanager
 def atomic_open(path: Path, mode: str = "w", *, durable: bool = False) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` and rename it over ``path`` on success.
 
@@ -70,7 +81,7 @@ def atomic_open(path: Path, mode: str = "w", *, durable: bool = False) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode, newline="" if "b" not in mode else None) as handle:
+        with naming_path(path), open(tmp, mode, newline="" if "b" not in mode else None) as handle:
             yield handle
             if durable:
                 handle.flush()

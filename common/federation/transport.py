@@ -10,8 +10,10 @@ message holds at most two arrays,
 * ``integer``: the integer entries (BatchNorm's ``num_batches_tracked``) as int64.
 
 The layout (names, shapes and dtypes, in order) is not sent: both ends build the model from
-the run's model config.  Its fingerprint travels in the message config (``layout``), and a
-site refuses weights whose layout is not its own model's (another fedct or timm version).
+the run's model config.  Its fingerprint travels in the message config (``layout``,
+common/federation/messages.py), and a site refuses weights whose layout is not its own
+model's (another fedct or timm version), of another dtype, or holding values that are not
+finite.
 Aggregation works on unpacked entries, so strategies see the model's state as usual.
 """
 
@@ -123,6 +125,11 @@ class Layout:
                 f"packed weights {found} do not fit the model, which needs {expected}"
             )
         flat = {key: array.numpy() for key, array in record.items()}
+        for key, values in flat.items():
+            if values.dtype.kind != ("f" if key == FLOATING else "i"):
+                raise TransportError(f"packed array {key} has dtype {values.dtype}")
+            if key == FLOATING and not np.isfinite(values).all():
+                raise TransportError("the packed weights hold values that are not finite")
         offsets = {FLOATING: 0, INTEGER: 0}
         state: dict[str, np.ndarray] = {}
         for name, shape, dtype in self.entries:
@@ -132,17 +139,6 @@ class Layout:
             state[name] = cast_to(values.reshape(shape), dtype)
             offsets[key] += size
         return state
-
-
-def check_layout(config: Mapping[str, Any], layout: Layout) -> None:
-    """Refuse weights sent for another model layout than ``layout`` (this end's model)."""
-    sent = str(config.get(LAYOUT_KEY, ""))
-    if sent != layout.fingerprint:
-        raise TransportError(
-            f"the weights were packed for model layout {sent or '(none)'}, this model's is "
-            f"{layout.fingerprint}: the coordinator and this site build different models "
-            "(check that both run the same fedct and timm versions)"
-        )
 
 
 # The coordinator's side: weights are aggregated, evaluated and checkpointed with the model's

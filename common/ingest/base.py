@@ -31,6 +31,16 @@ REASONS: dict[str, str] = {
     "missing-label": "no label for this scan in labels.csv",
     "unknown-label": "the label is not in the label map",
     "unreadable-image": "an image file (NIfTI, PNG, JPEG) cannot be decoded",
+    "unreadable": "a file that cannot be read or a folder that cannot be listed (permissions)",
+    "special-file": "a FIFO, socket or device: not a file to read (never opened)",
+    "broken-link": "a symbolic link whose target does not exist",
+    "link-outside-input": "a symbolic link that leads outside the input folder",
+    "unsupported-pixel-type": "the voxel type cannot hold CT values (complex, RGB, ...)",
+    "non-finite-voxels": "NaN or infinite voxel values beyond what can be repaired",
+    "out-of-range-voxels": "voxel values outside what the header allows (damaged pixel data)",
+    "blank-slices": "a selected slice is constant or nearly empty (damaged or missing pixels)",
+    "too-large": "a slice or volume larger than any CT scan (refused before decoding)",
+    "reader-error": "the reader failed on this input in an unforeseen way (the detail names it)",
 }
 
 Intensity = Literal["hu", "display"]

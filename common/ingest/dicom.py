@@ -4,20 +4,23 @@ Headers are read without pixel data; files are grouped by study and series, one 
 series is chosen per study by a :class:`SeriesRule`, its slices are sorted by their position
 along the slice normal (as ITK/GDCM do, never by file name), and pixels are decoded to
 Hounsfield units only for the slices a caller loads.  Every unusable input becomes a
-:class:`~fedct.common.ingest.base.Rejection`; the walk never stops on bad data.
+:class:`~fedct.common.ingest.base.Rejection`; the walk never stops on bad data.  Decoded
+stored values are checked against BitsStored before the bits above it are cleared (values
+that do not fit are damaged pixel data, not an overlay), and RescaleSlope and
+RescaleIntercept must be finite numbers (common/ingest/voxels.py checks the rest).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
-import signal
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +29,7 @@ import numpy as np
 import pydicom
 from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
+from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -38,13 +41,15 @@ from rich.console import Console
 from rich.progress import track
 
 from fedct.common.ingest.base import Ignored, Rejection, Scan, ScanLoadError
+from fedct.common.ingest.pool import forked_pool
+from fedct.common.ingest.voxels import AIR_HU, MAX_SLICE_PIXELS, brief, stored_value_problem
+from fedct.common.ingest.walk import walk_input
 
 # pydicom's warnings and log records quote header values, which may be patient data; this
 # reader reports every problem as a rejection instead.
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 logging.getLogger("pydicom").setLevel(logging.ERROR)
 
-AIR_HU = -1024.0
 DICOMDIR = "DICOMDIR index of the export (its images are read from their own files)"
 _PIXEL_DATA = 0x7FE00010
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})
@@ -64,6 +69,7 @@ class _NativePixels:
     offset: int
     signed: bool
     unused_bits: int  # BitsAllocated - BitsStored, cleared as pydicom does
+    overlay: bool  # an overlay plane lives in the unused bits (then they are not checked)
     slope: float
     intercept: float
     padding: tuple[int, int] | None  # PixelPaddingValue .. PixelPaddingRangeLimit
@@ -112,12 +118,19 @@ class _Slice:
     manufacturer: str
     has_rescale: bool
     native: _NativePixels | None  # None: decoded by pydicom
+    overlay: bool = False  # an overlay plane lives in bits above BitsStored
 
 
 def read_dicom(
-    root: Path, *, rule: SeriesRule = SeriesRule(), progress: bool = False, workers: int = 1
+    root: Path,
+    files: list[Path] | None = None,
+    *,
+    rule: SeriesRule = SeriesRule(),
+    progress: bool = False,
+    workers: int = 1,
 ) -> Iterator[Scan | Rejection | Ignored]:
-    """Walk ``root`` recursively and yield one scan per study (or per series, see ``rule``).
+    """Read ``files`` (default: every regular file under ``root``, common/ingest/walk.py)
+    and yield one scan per study (or per series, see ``rule``).
 
     Rejections come first (files that are not usable images) with the DICOMDIR indexes
     (ignored), then per study the chosen scan(s) and the rejected series.  Reading is lazy
@@ -126,7 +139,7 @@ def read_dicom(
     """
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    paths = walk_input(root).files if files is None else list(files)
     results: Iterable[_Slice | Rejection | Ignored] = _read_headers(root, paths, workers)
     if progress:
         results = track(
@@ -144,15 +157,14 @@ def _read_headers(
     root: Path, paths: list[Path], workers: int
 ) -> Iterator[_Slice | Rejection | Ignored]:
     """The header of every path, in order; parsing is CPU-bound, so several processes (forked,
-    leaving Ctrl-C to the parent) share it when ``workers`` > 1 and there is enough to share."""
+    leaving stopping to the parent: common/ingest/pool.py) share it when ``workers`` > 1 and
+    there is enough to share."""
     chunks = [(root, paths[i : i + _HEADER_CHUNK]) for i in range(0, len(paths), _HEADER_CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             yield from _header_chunk(chunk)
         return
-    context = multiprocessing.get_context("fork")
-    ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
-    with context.Pool(min(workers, len(chunks)), signal.signal, ignore_sigint) as pool:
+    with forked_pool(min(workers, len(chunks))) as pool:
         for headers in pool.imap(_header_chunk, chunks):
             yield from headers
 
@@ -199,13 +211,13 @@ def _read_header(path: Path, rel: str) -> _Slice | Rejection | Ignored:
             probe = _Probe(f)
             ds = read_partial(f, stop_when=probe, force=True)
     except OSError as exc:
-        return Rejection(rel, "corrupt", f"cannot read the file: {exc.strerror or exc}")
+        return Rejection(rel, "unreadable", f"cannot read the file: {exc.strerror or exc}")
     except Exception as exc:  # pydicom raises many types on malformed input
-        return Rejection(rel, "corrupt" if has_marker else "not-dicom", _brief(exc))
+        return Rejection(rel, "corrupt" if has_marker else "not-dicom", brief(exc))
     try:
         return _parse(path, rel, ds, has_marker, probe, size)
     except Exception as exc:  # a malformed value (e.g. text in a numeric tag)
-        return Rejection(rel, "corrupt", f"malformed header: {_brief(exc)}")
+        return Rejection(rel, "corrupt", f"malformed header: {brief(exc)}")
 
 
 def _parse(
@@ -259,6 +271,17 @@ def _parse(
         manufacturer=str(ds.get("Manufacturer", "")),
         has_rescale="RescaleSlope" in ds and "RescaleIntercept" in ds,
         native=_native_pixels(ds, transfer_syntax, has_marker, probe, size),
+        overlay=_overlay_in_pixels(ds),
+    )
+
+
+def _overlay_in_pixels(ds: pydicom.Dataset) -> bool:
+    """Whether an overlay plane (retired, still found in old exports) is stored in the
+    bits of the pixel data above BitsStored."""
+    bits_stored = int(ds.get("BitsStored") or 16)
+    positions = (ds.get((group, 0x0102)) for group in range(0x6000, 0x6020, 2))
+    return any(
+        p is not None and p.value is not None and int(p.value) >= bits_stored for p in positions
     )
 
 
@@ -291,6 +314,7 @@ def _native_pixels(
             offset=probe.pixel_offset,
             signed=int(ds.PixelRepresentation) == 1,
             unused_bits=16 - bits_stored,
+            overlay=_overlay_in_pixels(ds),
             slope=float(ds.get("RescaleSlope", 1.0)),
             intercept=float(ds.get("RescaleIntercept", 0.0)),
             padding=None
@@ -356,7 +380,10 @@ def _assemble(root: Path, slices: list[_Slice], rule: SeriesRule) -> Iterator[Sc
                 )
             if usable:
                 count = f"{len(usable)} of {total} files"
-                built = _build_scan(place(key, usable), usable, rule)
+                try:
+                    built = _build_scan(place(key, usable), usable, rule)
+                except Exception as exc:  # header values no rule here foresaw
+                    built = "reader-error", brief(exc)
                 if isinstance(built, Scan):
                     candidates.append((built, count))
                 else:
@@ -377,6 +404,8 @@ def _file_problem(s: _Slice, rule: SeriesRule) -> tuple[str, str] | None:
         return "localizer", "ImageType " + "\\".join(s.image_type)
     if s.frames != 1:
         return "inconsistent-geometry", f"a multi-frame image ({s.frames} frames); slices expected"
+    if s.rows * s.cols > MAX_SLICE_PIXELS:
+        return "too-large", f"{s.rows} x {s.cols} pixels: larger than any CT slice"
     codec = _codec_problem(s.transfer_syntax)
     if codec:
         return "unsupported-transfer-syntax", codec
@@ -558,6 +587,10 @@ def _decode_hu(s: _Slice) -> np.ndarray:
         slope, intercept, padding = s.native.slope, s.native.intercept, s.native.padding
     else:
         stored, slope, intercept, padding = _decode_pydicom(s)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise ScanLoadError(
+            s.rel, "non-finite-voxels", f"RescaleSlope {slope} or RescaleIntercept {intercept}"
+        )
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     if padding is not None:
         low, high = padding
@@ -578,21 +611,38 @@ def _read_native(s: _Slice, native: _NativePixels) -> np.ndarray:
         ) from exc
     if len(data) != length:
         raise ScanLoadError(s.rel, "corrupt", f"the file ends {length - len(data)} bytes early")
-    stored = np.frombuffer(data, "<i2" if native.signed else "<u2").reshape(s.rows, s.cols)
-    if native.unused_bits:  # pydicom's correct_unused_bits: the bits above BitsStored ignored
-        stored = np.right_shift(np.left_shift(stored, native.unused_bits), native.unused_bits)
-    return stored
+    raw = np.frombuffer(data, "<i2" if native.signed else "<u2").reshape(s.rows, s.cols)
+    return _clear_unused_bits(s, raw, 16 - native.unused_bits, native.signed)
+
+
+def _clear_unused_bits(s: _Slice, raw: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Stored values as pydicom's ``correct_unused_bits`` gives them (the bits above BitsStored
+    cleared, signed values sign-extended), once it is sure those bits hold no damage."""
+    unused = raw.dtype.itemsize * 8 - bits_stored
+    if unused <= 0 or raw.dtype.kind not in "iu":
+        return raw
+    if not s.overlay:
+        problem = stored_value_problem(raw, bits_stored, signed)
+        if problem:
+            raise ScanLoadError(s.rel, "out-of-range-voxels", problem)
+    return np.right_shift(np.left_shift(raw, unused), unused)
 
 
 def _decode_pydicom(s: _Slice) -> tuple[np.ndarray, float, float, tuple[int, int] | None]:
     """Stored values, rescale slope and intercept, and padding range of any other image."""
     try:
         ds = pydicom.dcmread(s.path)
-        stored = ds.pixel_array
-    except Exception as exc:  # any decoder failure is a property of this file
-        raise ScanLoadError(s.rel, "corrupt", _brief(exc)) from exc
-    if stored.shape != (s.rows, s.cols):
-        raise ScanLoadError(s.rel, "corrupt", f"decoded shape {stored.shape}")
+        with _codec_output_silenced():
+            raw = pixel_array(ds, correct_unused_bits=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # any decoder failure is a property of this file; a Rust
+        # codec's panic (pyo3's PanicException) is a BaseException, not an Exception
+        raise ScanLoadError(s.rel, "corrupt", brief(exc)) from exc
+    if raw.shape != (s.rows, s.cols):
+        raise ScanLoadError(s.rel, "corrupt", f"decoded shape {raw.shape}")
+    bits_stored = int(ds.get("BitsStored") or raw.dtype.itemsize * 8)
+    stored = _clear_unused_bits(s, raw, bits_stored, raw.dtype.kind == "i")
     slope = float(ds.get("RescaleSlope", 1.0))
     intercept = float(ds.get("RescaleIntercept", 0.0))
     padding = ds.get("PixelPaddingValue")
@@ -600,6 +650,23 @@ def _decode_pydicom(s: _Slice) -> tuple[np.ndarray, float, float, tuple[int, int
         return stored, slope, intercept, None
     limit = ds.get("PixelPaddingRangeLimit", padding)
     return stored, slope, intercept, (min(padding, limit), max(padding, limit))
+
+
+@contextmanager
+def _codec_output_silenced() -> Iterator[None]:
+    """Send what a codec prints to fd 2 itself (a Rust panic's message and backtrace) to
+    /dev/null for the block: damaged pixel data ends as one rejection, whose detail is the
+    exception's message, not as pages on the console."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    sink = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(sink)
 
 
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:
@@ -630,8 +697,3 @@ def _float(value: object) -> float | None:
 
 def _sop_name(sop_class: object) -> str:
     return UID(str(sop_class)).name if sop_class else "no SOP class"
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200]

@@ -1,16 +1,19 @@
 """Pick the reader for an input folder (DICOM, NIfTI or slice images) and account for every
-file in it.
+entry in it.
 
-Whatever the reader, each file under the folder ends up in exactly one place: a scan's
-``files``, a rejection's ``files``, or an :class:`~fedct.common.ingest.base.Ignored` entry.  The
-site's labels file (``labels.csv`` in the folder, or the ``--labels`` file when it lies
-inside) is ignored, not rejected as "not DICOM"; so is a file that the chosen format's
-reader does not read (e.g. a README beside NIfTI volumes).
+The folder is walked once (common/ingest/walk.py): links, unreadable and special files are
+accounted for there, and the readers get the regular files.  Whatever the reader, each file
+and link under the folder ends up in exactly one place: a scan's ``files``, a rejection's
+``files``, or an :class:`~fedct.common.ingest.base.Ignored` entry.  The site's labels file
+(``labels.csv`` in the folder, or the ``--labels`` file when it lies inside) is ignored, not
+rejected as "not DICOM"; so is a file that the chosen format's reader does not read (e.g. a
+README beside NIfTI volumes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 
 from fedct.common.ingest import FORMATS
@@ -18,19 +21,19 @@ from fedct.common.ingest.base import Ignored, ReaderItem, Rejection, Scan
 from fedct.common.ingest.dicom import read_dicom
 from fedct.common.ingest.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti
 from fedct.common.ingest.slice_images import IMAGE_SUFFIXES, is_slice_image, read_slice_images
+from fedct.common.ingest.walk import walk_input
 
 LABELS_FILE = "labels.csv"
 LABELS_WHAT = "the site's labels file (give it to prepare with --labels)"
 READS = {"nifti": ", ".join(NIFTI_SUFFIXES), "png": ", ".join(IMAGE_SUFFIXES)}
 
 
-def detect_format(root: Path) -> str:
-    """``nifti`` or ``png`` when the folder holds such files, otherwise ``dicom``."""
+def detect_format(files: list[Path]) -> str:
+    """``nifti`` or ``png`` when most ``files`` are such files, otherwise ``dicom``."""
     counts = {"nifti": 0, "png": 0, "other": 0}
-    for path in Path(root).rglob("*"):
-        if path.is_file():
-            kind = "nifti" if is_nifti(path) else "png" if is_slice_image(path) else "other"
-            counts[kind] += 1
+    for path in files:
+        kind = "nifti" if is_nifti(path) else "png" if is_slice_image(path) else "other"
+        counts[kind] += 1
     best = max(("nifti", "png"), key=lambda k: counts[k])
     return best if counts[best] > counts["other"] else "dicom"
 
@@ -66,22 +69,31 @@ def read_input(
         raise FileNotFoundError(f"{root}: input folder does not exist")
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    walk = walk_input(root)
     if fmt == "auto":
-        fmt = detect_format(root)
+        fmt = detect_format(walk.files)
     labels_files = _labels_files(root, labels)
-    return _accounted(root, fmt, _reader(root, fmt, progress, workers), labels_files)
+    items = _reader(root, walk.files, fmt, progress, workers)
+    found = chain(walk.rejections, walk.ignored, items)
+    return _accounted(root, fmt, walk.files, found, labels_files)
 
 
-def _reader(root: Path, fmt: str, progress: bool, workers: int) -> Iterator[ReaderItem]:
+def _reader(
+    root: Path, files: list[Path], fmt: str, progress: bool, workers: int
+) -> Iterator[ReaderItem]:
     if fmt == "nifti":
-        return read_nifti(root)
+        return read_nifti(root, files)
     if fmt == "png":
-        return read_slice_images(root)
-    return read_dicom(root, progress=progress, workers=workers)
+        return read_slice_images(root, files)
+    return read_dicom(root, files, progress=progress, workers=workers)
 
 
 def _accounted(
-    root: Path, fmt: str, items: Iterator[ReaderItem], labels_files: set[str]
+    root: Path,
+    fmt: str,
+    files: list[Path],
+    items: Iterable[ReaderItem],
+    labels_files: set[str],
 ) -> Iterator[ReaderItem]:
     seen: set[str] = set()
     for item in items:
@@ -89,7 +101,7 @@ def _accounted(
             item = Ignored(item.path, LABELS_WHAT)
         seen.update(files_of(item))
         yield item
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in files:
         rel = path.relative_to(root).as_posix()
         if rel not in seen:
             reads = READS.get(fmt, "every file")

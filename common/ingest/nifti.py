@@ -5,6 +5,12 @@ slice axis are read.  Whatever the file's orientation, slices come out axial, in
 position from inferior to superior, with rows running anterior → posterior and columns
 right → left, as a DICOM series shows them, so the slice order convention is the same for
 every format.
+
+A volume is refused, alone, when its header cannot describe a CT scan: not 3-D, an
+orientation matrix that is singular or not finite (no axial direction can be told), a voxel
+type that cannot hold CT values (complex, RGB, ...), or slices larger than
+:data:`~fedct.common.ingest.voxels.MAX_SLICE_PIXELS`.  Any other failure on one file is that
+file's rejection (``reader-error``), never the end of the walk.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import nibabel as nib
 import numpy as np
 
 from fedct.common.ingest.base import ReaderItem, Rejection, Scan, ScanLoadError
+from fedct.common.ingest.voxels import MAX_SLICE_PIXELS, brief, check_dtype
+from fedct.common.ingest.walk import walk_input
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SEVERITY_FOLDER = re.compile(r"CT-[0-4]", re.IGNORECASE)
@@ -29,6 +37,24 @@ def is_nifti(path: Path) -> bool:
 def _study_name(path: Path) -> str:
     name = path.name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+def _geometry_problem(image: nib.Nifti1Image) -> tuple[str, str] | None:
+    """(reason, detail) when the header cannot describe an axial CT volume, else None."""
+    if len(image.shape) != 3:
+        return "inconsistent-geometry", f"expected 3-D, got {image.shape}"
+    rotation = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(rotation).all() or abs(np.linalg.det(rotation)) < 1e-9:
+        return (
+            "inconsistent-geometry",
+            "the orientation matrix (sform/qform) is singular or not finite: no axial direction",
+        )
+    dtype_problem = check_dtype(image.get_data_dtype())
+    if dtype_problem:
+        return "unsupported-pixel-type", dtype_problem
+    if sorted(image.shape)[1] * sorted(image.shape)[2] > MAX_SLICE_PIXELS:
+        return "too-large", f"volume {image.shape}: slices larger than any CT scan"
+    return None
 
 
 def _axial_loader(image: nib.Nifti1Image, source: str):
@@ -47,8 +73,8 @@ def _axial_loader(image: nib.Nifti1Image, source: str):
         slicer[z_axis] = slice(first, last)
         try:
             block = np.asarray(image.dataobj[tuple(slicer)], dtype=np.float32)
-        except (OSError, ValueError, EOFError) as exc:
-            raise ScanLoadError(source, "unreadable-image", str(exc)) from exc
+        except Exception as exc:  # nibabel and zlib raise many types for damaged data
+            raise ScanLoadError(source, "unreadable-image", brief(exc)) from exc
         if flip_of[2]:
             block = np.flip(block, axis=z_axis)
         # to (z, y, x) then rows anterior→posterior (RAS y descending), columns right→left.
@@ -62,20 +88,26 @@ def _axial_loader(image: nib.Nifti1Image, source: str):
     return load, n, spacing
 
 
-def read_nifti(root: Path, **_: object) -> Iterator[ReaderItem]:
-    """Every NIfTI volume under ``root``; CT-k parent folders give label and severity."""
+def read_nifti(root: Path, files: list[Path] | None = None, **_: object) -> Iterator[ReaderItem]:
+    """Every NIfTI volume among ``files`` (default: those under ``root``); CT-k parent
+    folders give label and severity."""
     root = Path(root)
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_nifti(p)):
+    for path in [p for p in (walk_input(root).files if files is None else files) if is_nifti(p)]:
         source = path.relative_to(root).as_posix()
         try:
             image = nib.load(path)
         except Exception as exc:  # nibabel raises many types for damaged headers
-            yield Rejection(source, "unreadable-image", f"{type(exc).__name__}: {exc}")
+            yield Rejection(source, "unreadable-image", brief(exc))
             continue
-        if len(image.shape) != 3:
-            yield Rejection(source, "inconsistent-geometry", f"expected 3-D, got {image.shape}")
+        try:
+            problem = _geometry_problem(image)
+            if problem is None:
+                load, n, spacing = _axial_loader(image, source)
+        except Exception as exc:  # a header nibabel reads but no rule here foresaw
+            problem = "reader-error", brief(exc)
+        if problem is not None:
+            yield Rejection(source, *problem)
             continue
-        load, n, spacing = _axial_loader(image, source)
         folder = path.parent.name
         labelled = SEVERITY_FOLDER.fullmatch(folder) is not None
         study = _study_name(path)

@@ -22,12 +22,6 @@ from fedct.common.classes import COVID_INDEX
 from fedct.common.metrics.classification import N_CLASSES, check_inputs
 from fedct.common.metrics.operating_point import OperatingPoint, choose_operating_point
 
-HIST_BINS = 200
-# The evaluate config key by which the coordinator asks for histograms of this many bins, and
-# the metric keys of a site's reply.
-BINS_KEY = "tune-histogram-bins"
-COVID_KEY = "tune-hist-covid"
-OTHER_KEY = "tune-hist-other"
 HIST_RULES = ("sens_at_spec", "youden")
 _OTHER_INDEX = (COVID_INDEX + 1) % N_CLASSES
 

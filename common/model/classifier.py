@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,12 +21,25 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fedct.common.classes import GLOBAL_CLASSES
+from fedct.common.config_keys import read_keys, write_keys
 from fedct.common.model.weights import create_backbone, input_normalisation, preview_keys
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 MAX_GROUPS = 32
 MIN_GROUP_SIZE = 8
 HEAD_PREFIX = "head."
+# The run-config key of each ModelConfig field a run sets, as train and evaluate messages carry
+# them.  The starting weights (``pretrained-weights``) are not among them: they are the
+# coordinator's own setting, and a site builds only from weights its own policy names.
+CONFIG_KEYS = {
+    "backbone": "backbone",
+    "pool": "pool",
+    "norm": "norm",
+    "freeze_backbone": "freeze-backbone",
+    "freeze_bn": "freeze-bn",
+    "dropout": "dropout",
+    "slice_chunk": "slice-chunk",
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,17 @@ class ModelConfig:
         """Whether no BatchNorm normalises by batch statistics in training (GroupNorm, frozen
         BatchNorm or a frozen backbone): what patient-level DP needs."""
         return self.norm == "group" or self.freeze_bn or self.freeze_backbone
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **fields: Any) -> ModelConfig:
+        """The keys of :data:`CONFIG_KEYS` read from a run config or a message's ConfigRecord,
+        with ``fields`` (``pretrained_weights``, which never travels) on top; ValueError for a
+        missing or unfit key."""
+        return cls(**read_keys(cls(), CONFIG_KEYS, config, "model"), **fields)
+
+    def to_config(self) -> dict[str, Any]:
+        """The keys a train or evaluate message carries."""
+        return write_keys(self, CONFIG_KEYS)
 
     def without_weights(self) -> ModelConfig:
         """The same model with nothing to load: for rebuilding a model whose every weight is

@@ -45,16 +45,65 @@ SliceRunner = Callable[[np.ndarray], np.ndarray]
 
 class RuntimeBackbone(nn.Module):
     """Stands in for a timm backbone: (N, 3, H, W) float32 → (N, D) pooled features, computed
-    by a compiled runtime on the CPU."""
+    by a compiled runtime on the CPU.
 
-    def __init__(self, runner: SliceRunner, engine: str) -> None:
+    ``forward_features`` (the last feature maps, what class activation maps read) runs a
+    second export of the backbone, compiled on first use by ``maps``; without one, or when it
+    fails (one note line), the eager ``fallback`` backbone computes them.
+    """
+
+    def __init__(
+        self,
+        runner: SliceRunner,
+        engine: str,
+        *,
+        maps: Callable[[], SliceRunner] | None = None,
+        fallback: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.runner = runner
         self.engine = engine
+        self._maps_factory = maps
+        self._maps: SliceRunner | None = None
+        self._fallback = [fallback]  # in a list: not a submodule, so not in the state dict
 
     def forward(self, x: Tensor) -> Tensor:
-        features = self.runner(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
-        return torch.from_numpy(np.array(features, dtype=np.float32))
+        return _run(self.runner, x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self._maps is None and self._maps_factory is not None:
+            try:
+                self._maps = self._maps_factory()
+            except Exception as exc:  # any runtime failure: eager still computes the maps
+                first_line = next(iter(str(exc).strip().splitlines()), "")
+                err.print(
+                    f"[yellow]note:[/yellow] feature maps with {self.engine} failed "
+                    f"({escape(type(exc).__name__)}: {escape(first_line)}); computing them "
+                    "with eager PyTorch"
+                )
+            self._maps_factory = None
+        if self._maps is not None:
+            return _run(self._maps, x)
+        (fallback,) = self._fallback
+        if fallback is None:
+            raise ValueError(f"the {self.engine} backbone has no feature maps")
+        return fallback.forward_features(x)
+
+
+def _run(runner: SliceRunner, x: Tensor) -> Tensor:
+    result = runner(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
+    return torch.from_numpy(np.array(result, dtype=np.float32))
+
+
+class _FeatureMaps(nn.Module):
+    """A timm backbone's ``forward_features`` as a module's forward, for export."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone.forward_features(x)
 
 
 def scoring_model(
@@ -90,21 +139,37 @@ def scoring_model(
         first_line = next(iter(str(exc).strip().splitlines()), "")
         _fallback(f"{chosen} failed ({type(exc).__name__}: {first_line})")
         return model, "eager"
-    return with_backbone(model, RuntimeBackbone(runner, chosen)), chosen
+    cache = cache_dir or DEFAULT_CACHE
+
+    def maps() -> SliceRunner:
+        return compile_backbone(model, chosen, image_size, cache_dir=cache, feature_maps=True)
+
+    backbone = RuntimeBackbone(runner, chosen, maps=maps, fallback=model.backbone)
+    return with_backbone(model, backbone), chosen
 
 
 def compile_backbone(
-    model: SliceClassifier, runtime: str, image_size: int, *, cache_dir: Path
+    model: SliceClassifier,
+    runtime: str,
+    image_size: int,
+    *,
+    cache_dir: Path,
+    feature_maps: bool = False,
 ) -> SliceRunner:
     """``model``'s backbone exported (or read from ``cache_dir``) and compiled by ``runtime``
-    for (N, 3, image_size, image_size) inputs; raises if its features on two probe slices are
-    not the eager ones within :data:`PROBE_TOLERANCE`."""
+    for (N, 3, image_size, image_size) inputs, giving pooled features or, with
+    ``feature_maps``, the last feature maps; raises if its output on two probe slices is not
+    the eager one within :data:`PROBE_TOLERANCE`."""
     backbone = model.backbone.eval()
-    path = cache_dir / f"{_model_key(backbone, runtime, image_size)}.{_SUFFIX[runtime]}"
+    if feature_maps:
+        backbone = _FeatureMaps(backbone).eval()
+    kind = f"{runtime}-maps" if feature_maps else runtime
+    path = cache_dir / f"{_model_key(backbone, kind, image_size)}.{_SUFFIX[runtime]}"
     if not path.exists():
+        what = "feature maps of the" if feature_maps else "the"
         err.print(
-            f"exporting the {model.cfg.backbone} backbone for {runtime} (once per checkpoint, "
-            f"cached in {escape(str(cache_dir))})…"
+            f"exporting {what} {model.cfg.backbone} backbone for {runtime} (once per "
+            f"checkpoint, cached in {escape(str(cache_dir))})…"
         )
         cache_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -127,8 +192,9 @@ def _fallback(reason: str) -> None:
     err.print(f"[yellow]note:[/yellow] {escape(reason)}; scoring with eager PyTorch")
 
 
-def _model_key(backbone: nn.Module, runtime: str, image_size: int) -> str:
-    digest = hashlib.sha256(f"{runtime} {_version(runtime)} {image_size}".encode())
+def _model_key(backbone: nn.Module, kind: str, image_size: int) -> str:
+    runtime = kind.removesuffix("-maps")
+    digest = hashlib.sha256(f"{kind} {_version(runtime)} {image_size}".encode())
     for name, value in backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())

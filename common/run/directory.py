@@ -236,6 +236,13 @@ class RunDirectory:
         self._point_latest(server_round)
         return digest
 
+    def latest_card(self) -> dict[str, Any]:
+        """The card of the round ``latest.json`` names; empty when there is none."""
+        latest = self.read_json("latest.json") or {}
+        if "round" not in latest:
+            return {}
+        return self.read_json(self.card_path(int(latest["round"])).name) or {}
+
     def _point_latest(self, server_round: int) -> None:
         checkpoint = self.weights_path(server_round).name
         self.write_json("latest.json", {"round": server_round, "checkpoint": checkpoint})

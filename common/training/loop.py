@@ -22,7 +22,7 @@ from rich.progress import track
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fedct.common.cache.dataset import Batch, ScanItem, make_loader
+from fedct.common.cache.dataset import UNLABELLED, Batch, ScanItem, make_loader
 from fedct.common.classes import GLOBAL_CLASSES
 from fedct.common.config_keys import read_keys, write_keys
 from fedct.common.console import err
@@ -106,7 +106,7 @@ class TrainResult:
 @dataclass(frozen=True)
 class EvalResult:
     """Per-scan predictions of an evaluation, in loader order; ``loss`` is the mean unweighted
-    cross entropy."""
+    cross entropy of the labelled scans (NaN when none is)."""
 
     loss: float
     probs: np.ndarray  # (N, C) float64
@@ -285,15 +285,16 @@ def evaluate(
             with autocast_context(target, amp):
                 logits = model(x, mask)
             logits = logits.double() / temperature
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=UNLABELLED).item()
             probs.append(logits.softmax(dim=1).cpu().numpy())
             labels.append(y.cpu().numpy())
             scan_ids.extend(batch.scan_ids)
             patient_ids.extend(batch.patient_ids)
     if not labels:
         raise ValueError("the evaluation loader yielded no scans")
+    labelled = int(sum((part != UNLABELLED).sum() for part in labels))
     result = EvalResult(
-        loss_sum / len(scan_ids),
+        loss_sum / labelled if labelled else math.nan,
         np.concatenate(probs),
         np.concatenate(labels).astype(np.int64),
         scan_ids,

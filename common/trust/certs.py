@@ -5,6 +5,7 @@ One folder (``--out``) holds the federation's key material::
     ca.crt, ca.key                      the CA (created when a certificate is first issued)
     superlink.crt, superlink.key        the SuperLink's certificate, SANs from --superlink-san
     registry.crt, registry.key          the model registry's certificate (--registry-san)
+    viewer.crt, viewer.key              ``fedct serve``'s certificate (--viewer-san)
     operators/NAME.crt, NAME.key        an operator's TLS client certificate (--operators)
     supernodes/SITE.key, SITE.pub       a hospital's SuperNode key pair (--sites)
     superexec.secret                    this host's SuperExec shared secret (--superexec-secret)
@@ -227,6 +228,7 @@ def plan(
     ca_days: int,
     superexec_secret: bool = False,
     operators: list[str] | None = None,
+    viewer_sans: list[str] | None = None,
 ) -> list[Material]:
     """Every file to write, in memory; nothing is written here."""
     operators = operators or []
@@ -242,7 +244,11 @@ def plan(
     if days < 1 or ca_days < 1:
         raise CertsError("--days and --ca-days must be at least 1")
     materials: list[Material] = []
-    certificates = {"superlink": superlink_sans, "registry": registry_sans}
+    certificates = {
+        "superlink": superlink_sans,
+        "registry": registry_sans,
+        "viewer": viewer_sans or [],
+    }
     if any(certificates.values()) or operators:
         ca = load_ca(out)
         if ca is None:
@@ -286,16 +292,17 @@ def write_all(materials: list[Material]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the requested material; 0 done, 2 refused (the reason is printed)."""
-    superlink, registry, sites, operators = (
+    superlink, registry, sites, operators, viewer = (
         _names(args.superlink_san),
         _names(args.registry_san),
         _names(args.sites),
         _names(args.operators),
+        _names(args.viewer_san),
     )
-    if not (superlink or registry or sites or operators or args.superexec_secret):
+    if not (superlink or registry or sites or operators or viewer or args.superexec_secret):
         console.print(
-            "[red]error:[/red] give --superlink-san, --registry-san, --sites, --operators or "
-            "--superexec-secret"
+            "[red]error:[/red] give --superlink-san, --registry-san, --viewer-san, --sites, "
+            "--operators or --superexec-secret"
         )
         return 2
     try:
@@ -308,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
             args.ca_days,
             args.superexec_secret,
             operators,
+            viewer,
         )
         write_all(materials)
     except (CertsError, OSError) as exc:

@@ -9,7 +9,8 @@ and a checkpoint + model card per round (``[run]``: run-config keys); with
 centralized on the pooled sites and each site alone — and one table comparing their external
 AUCs (``baselines.json``; configs/demo.toml leaves them to ``make bench`` for time).
 Steps already done (same cohort, caches with the same settings) are reused, so a second
-``make demo`` goes straight to training.
+``make demo`` goes straight to training.  Ctrl-C, SIGTERM and SIGHUP stop whichever step runs
+(its worker processes, or the simulation's Flower processes) with one line; the rerun resumes.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from fedct.common.cache.config import RUN_CONFIG_KEYS, PrepareConfig
-from fedct.common.cache.prepare import prepare
+from fedct.common.cache.prepare import PrepareInterrupted, interrupted_line, prepare
 from fedct.common.cache.qa import print_summary
 from fedct.common.cache.store import CacheError
 from fedct.common.console import err, out
+from fedct.common.stop_signals import exit_status, stopped_by
 from fedct.common.synth.cohort import synthesize
 from fedct.server.launch.baselines import compare_with_baselines, comparison_rows, comparison_table
 from fedct.server.launch.simulate import Resources, SimulateError, resolve_paths, simulate
@@ -82,22 +84,26 @@ def ensure_cohort(synth: dict[str, Any]) -> Path:
     return out
 
 
+class DemoInterrupted(Exception):
+    """A step was stopped by Ctrl-C or a stop signal; the message is its one line."""
+
+
 def prepare_all(cohort: Path, settings: dict[str, Any]) -> tuple[list[Path], Path]:
     """A cache per site (train/tune/test) and one for the external set (all test)."""
     out = Path(settings["out"])
     cfg = prepare_config(settings)
     sites = sorted(p for p in (cohort / "sites").iterdir() if p.is_dir())
-    caches = []
-    for site in sites:
-        cache = out / site.name
-        prepare(site, cache, cfg, labels=site / "labels.csv")
-        print_summary(cache, console)
-        caches.append(cache)
+    jobs = [(site, out / site.name, cfg, site / "labels.csv") for site in sites]
     external = out / EXTERNAL
     external_cfg = replace(cfg, splits=(0.0, 0.0, 1.0))
-    prepare(cohort / "external" / EXTERNAL, external, external_cfg)
-    print_summary(external, console)
-    return caches, external
+    jobs.append((cohort / "external" / EXTERNAL, external, external_cfg, None))
+    for raw, cache, job_cfg, labels in jobs:
+        try:
+            prepare(raw, cache, job_cfg, labels=labels)
+        except PrepareInterrupted as stop:
+            raise DemoInterrupted(interrupted_line(stop, cache)) from None
+        print_summary(cache, console)
+    return [cache for _, cache, _, _ in jobs[:-1]], external
 
 
 def prepare_config(settings: dict[str, Any]) -> PrepareConfig:
@@ -175,3 +181,13 @@ def run(args: argparse.Namespace) -> int:
     except (DemoError, SimulateError, SettingsError, CacheError, KeyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except DemoInterrupted as stop:
+        console.print(f"demo {stop}", highlight=False)
+        return exit_status()
+    except KeyboardInterrupt:
+        console.print(
+            f"demo interrupted ({stopped_by()}); run the same command again: finished steps "
+            "are reused",
+            highlight=False,
+        )
+        return exit_status()

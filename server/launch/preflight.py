@@ -3,9 +3,12 @@ a ServerApp or at every simulated site, with a traceback each and 40 s of start-
 
 Every key must be a run-config key of the app (a misspelt one is named, with the key meant);
 the settings must be valid (types and values, as the ServerApp checks them, external caches
-included); every site cache must be whole and prepared like the run; a resumed run needs a
-readable checkpoint and no other coordinator; a new run needs a run directory that holds no
-run.  Each problem is one line naming the file or key.
+included); every site cache must be prepared like the run and whole — every scan file's
+header, size and sha256 against the cache's scan index, so a damaged file is named here, not
+found by every round failing at its site; a resumed run needs a readable checkpoint and no
+other coordinator; a new run needs a run directory that holds no run.  Each problem is one
+line naming the file or key.  A resumed run whose site caches changed since its last round
+gets a warning naming them (server/site_caches.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from fedct.common.cache.store import CacheError
 from fedct.common.run.directory import CheckpointError, RunDirectory
 from fedct.server.run_lock import RunLock
 from fedct.server.settings import ServerSettings, SettingsError, app_defaults
+from fedct.server.site_caches import changed_since, fingerprints
 
 
 class PreflightError(ValueError):
@@ -35,9 +39,10 @@ def unknown_key(key: str, where: str) -> str | None:
     return f"{where}: unknown run-config key {key!r}{hint}"
 
 
-def check_before_launch(overrides: dict[str, Any]) -> None:
+def check_before_launch(overrides: dict[str, Any]) -> list[str]:
     """Raise :class:`PreflightError` for the first problem of the run ``overrides`` (run-config
-    keys, paths absolute, as ``fedct simulate`` passes them to ``flwr run``)."""
+    keys, paths absolute, as ``fedct simulate`` passes them to ``flwr run``); returns the
+    warnings to show before the run starts."""
     for key in overrides:
         if problem := unknown_key(key, "run config"):
             raise PreflightError(problem)
@@ -48,7 +53,7 @@ def check_before_launch(overrides: dict[str, Any]) -> None:
         raise PreflightError(str(exc)) from None
     for cache in str(run_config["site-caches"]).split(","):
         try:
-            verify_cache(Path(cache), run_config)
+            verify_cache(Path(cache), run_config, checksum=True)
         except CacheError as exc:
             raise PreflightError(f"site-caches: {exc}") from None
     run_dir = RunDirectory(settings.run_dir)
@@ -62,3 +67,7 @@ def check_before_launch(overrides: dict[str, Any]) -> None:
         raise PreflightError(f"{key}: {exc}") from None
     if busy := RunLock(settings.run_dir, "").in_use():
         raise PreflightError(busy)
+    if settings.resume_from is None:
+        return []
+    changed = changed_since(run_dir.latest_card(), fingerprints(run_config))
+    return [f"resume-from: {changed}"] if changed else []

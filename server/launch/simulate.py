@@ -11,7 +11,9 @@ in RUN_DIR/flower, so that ``fedct flwr RUN_DIR ls`` / ``log`` show Flower's rec
 
 The run is checked before Flower starts (server/launch/preflight.py).  ``fedct simulate`` exits 0
 only when Flower reports the run completed and every round is checkpointed; otherwise its
-last line says why.
+last line says why.  Ctrl-C, SIGTERM and SIGHUP (common/stop_signals.py) stop every process
+the run started — ``flwr run``, the SuperLink, SuperExec, ServerApp and Ray — and end with
+one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any
 from fedct.common.cli import DESCRIPTION
 from fedct.common.console import err
 from fedct.common.model.weights import weights_spec
-from fedct.server.launch.flower_console import failure_excerpt, run_flower
+from fedct.common.stop_signals import exit_status, stopped_by
+from fedct.server.launch.flower_console import FlowerRun, failure_excerpt, run_flower
 from fedct.server.launch.preflight import PreflightError, check_before_launch, unknown_key
 from fedct.server.run_summary import print_run_summary, run_finished
 from fedct.server.settings import flower_app_text, parse_external_caches
@@ -167,8 +170,9 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     }
 
 
-def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid → (parent pid, session id, command line) of every process we can read (Linux)."""
+def _process_table(environ_marker: bytes) -> dict[int, tuple[int, int, str, bool]]:
+    """pid → (parent pid, session id, command line, whether its environment holds
+    ``environ_marker``) of every process we can read (Linux)."""
     table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -178,45 +182,63 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
+        try:
+            marked = environ_marker in (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            marked = False
         fields = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), int(fields[3]), cmdline)
+        table[int(entry.name)] = (int(fields[1]), int(fields[3]), cmdline, marked)
     return table
 
 
 def local_flower_processes(flwr_home: Path) -> set[int]:
     """The background SuperLink started for ``flwr_home`` and every process it spawned.
 
-    Its children start sessions of their own and Ray reparents its workers, so the family
-    is what descends from the SuperLink plus whatever shares a session with one of those.
+    Its children start sessions of their own and Ray reparents its workers and daemons, so
+    the family is what descends from the SuperLink, whatever runs with this Flower home in
+    its environment (``flwr run`` and Ray's daemons inherit it), and whatever shares a
+    session that one of those started; this process is never in it (nor, therefore, the
+    terminal session it runs in).
     """
-    table = _process_table()
-    marker = str(Path(flwr_home).resolve() / "local-superlink")
+    home = Path(flwr_home).resolve()
+    table = _process_table(f"FLWR_HOME={home}".encode())
+    marker = str(home / "local-superlink")
     family = {
-        pid for pid, (_, _, cmd) in table.items() if "flower-superlink" in cmd and marker in cmd
+        pid
+        for pid, (_, _, cmd, marked) in table.items()
+        if marked or ("flower-superlink" in cmd and marker in cmd)
     }
+    family.discard(os.getpid())
     while True:
-        sessions = {table[pid][1] for pid in family}
+        sessions = {table[pid][1] for pid in family if table[pid][1] == pid}
         grown = family | {
-            pid for pid, (ppid, sid, _) in table.items() if ppid in family or sid in sessions
+            pid for pid, (ppid, sid, _, _) in table.items() if ppid in family or sid in sessions
         }
+        grown.discard(os.getpid())
         if grown == family:
             return family
         family = grown
 
 
 def stop_local_flower(flwr_home: Path, grace: float = 10.0) -> set[int]:
-    """Terminate (then kill) :func:`local_flower_processes`; returns the pids signalled."""
-    pids = local_flower_processes(flwr_home)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                continue
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-            time.sleep(0.2)
-    return pids
+    """Terminate (then kill) :func:`local_flower_processes`, again while new ones appear (a
+    process that was starting Ray when stopped); returns the pids signalled."""
+    stopped: set[int] = set()
+    for _ in range(5):
+        pids = local_flower_processes(flwr_home) - stopped
+        if not pids:
+            break
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    continue
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+                time.sleep(0.2)
+        stopped |= pids
+    return stopped
 
 
 def _alive(pid: int) -> bool:
@@ -229,14 +251,19 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def local_flower(flwr_home: Path | None) -> Iterator[tuple[Path, dict[str, str]]]:
-    """(Flower home, environment) for ``flwr run``; on exit its processes are stopped and a
+    """(Flower home, environment) for ``flwr run``; on exit its processes are stopped (quietly
+    when stopped by Ctrl-C or a stop signal: the caller says so in its one line) and a
     temporary home removed."""
     home = Path(flwr_home or tempfile.mkdtemp(prefix="fedct-flwr-")).resolve()
+    interrupted = False
     try:
         yield home, flower_environment(home)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         stopped = stop_local_flower(home)
-        if stopped:
+        if stopped and not interrupted:
             console.print(f"stopped {len(stopped)} background Flower process(es)")
         if flwr_home is None:
             shutil.rmtree(home, ignore_errors=True)
@@ -302,13 +329,53 @@ def simulate(
     to RUN_DIR/flower; ``summary=False`` leaves the closing table and next commands
     (:func:`print_run_summary`) to the caller."""
     run_dir = Path(overrides.get("resume-from") or overrides["run-dir"])
-    sites = overrides["site-caches"].split(",")
     try:
-        check_before_launch(overrides)
+        warnings = check_before_launch(overrides)
     except PreflightError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return 2
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     log_path = run_dir / FLOWER_LOG
+    try:
+        flower, status, details = _run_simulation(
+            overrides, run_dir, log_path, app, flwr_home, resources, verbose
+        )
+    except KeyboardInterrupt:
+        resume = f"--set resume-from={run_dir}" if (run_dir / "latest.json").exists() else ""
+        console.print(
+            f"interrupted ({stopped_by()}): every process of the run is stopped (flwr run, "
+            f"SuperLink, SuperExec, ServerApp, Ray); the rounds checkpointed so far are in "
+            f"{run_dir}" + (f"; resume with {resume}" if resume else ""),
+            highlight=False,
+        )
+        return exit_status()
+    finished = print_run_summary(run_dir) if summary else run_finished(run_dir)
+    if flower.returncode != 0 or not finished or status != "finished:completed":
+        for line in failure_excerpt(log_path):
+            console.print(line, markup=False, highlight=False)
+        reason = details or ("not every round was checkpointed" if not finished else "")
+        console.print(
+            f"[red]error:[/red] the run ended {status}: {reason or 'see the log'}; Flower's "
+            f"whole output is in {log_path}",
+            highlight=False,
+        )
+        return 1
+    return 0
+
+
+def _run_simulation(
+    overrides: dict[str, Any],
+    run_dir: Path,
+    log_path: Path,
+    app: Path | None,
+    flwr_home: Path | None,
+    resources: Resources,
+    verbose: bool,
+) -> tuple[FlowerRun, str, str]:
+    """``flwr run`` the simulation, then stop every process it started: (how ``flwr run``
+    ended, the run's status and details as ``flwr ls`` reports them)."""
+    sites = overrides["site-caches"].split(",")
     with local_flower(flwr_home or run_dir / FLOWER_HOME) as (home, env):
         run_config_file = write_run_config(home / "run-config.toml", overrides)
         app = app or write_flower_app(home / APP_DIR)
@@ -330,18 +397,7 @@ def simulate(
         )
         status, details = run_status(env)
         shutil.rmtree(home / "apps", ignore_errors=True)  # a copy of the app, not needed after
-    finished = print_run_summary(run_dir) if summary else run_finished(run_dir)
-    if flower.returncode != 0 or not finished or status != "finished:completed":
-        for line in failure_excerpt(log_path):
-            console.print(line, markup=False, highlight=False)
-        reason = details or ("not every round was checkpointed" if not finished else "")
-        console.print(
-            f"[red]error:[/red] the run ended {status}: {reason or 'see the log'}; Flower's "
-            f"whole output is in {log_path}",
-            highlight=False,
-        )
-        return 1
-    return 0
+    return flower, status, details
 
 
 def run_status(env: dict[str, str]) -> tuple[str, str]:

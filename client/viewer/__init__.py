@@ -1,0 +1,1 @@
+"""``fedct serve``: the radiologist's local viewer over ``fedct diagnose``'s results."""
