@@ -123,7 +123,8 @@ def test_cache_with_the_cards_operating_point(tmp_path: Path, cache: Path) -> No
         "size": 32,
         "fraction": 0.5,
         "normalize": "ai-corona",
-        "lung_crop": False,  # a cache from before the option
+        "lung_crop": False,  # a cache from before the options
+        "lung_only": False,
     }
     for key in ("auc_covid", "sens_covid", "spec_covid", "accuracy", "kappa", "confusion_3x3"):
         assert set(metrics["metrics"][key]) == {"value", "ci", "n_valid"}
@@ -221,7 +222,8 @@ def test_raw_mosmed_folder_is_prepared_with_the_cards_settings(tmp_path: Path) -
         "size": 32,
         "fraction": 0.5,
         "normalize": "ai-corona",
-        "lung_crop": False,  # a cache from before the option
+        "lung_crop": False,  # a cache from before the options
+        "lung_only": False,
     }
     assert "auc_ovr_pneumonia_or_abnormal" not in metrics["metrics"]
     assert not EXTERNAL_LINK.search(report) and "<svg" in report
@@ -274,7 +276,13 @@ def test_the_central_evaluations_interval_does_not_depend_on_the_salt(tmp_path: 
 def test_missing_prepare_settings_fall_back_to_defaults_and_say_so() -> None:
     settings, missing = prepare_settings_from_card({"run_config": {"image-size": 64}}, Path("c"))
     # A card from before lung-crop existed was trained without it, and needs no note.
-    assert settings == {"size": 64, "fraction": 0.5, "normalize": "ai-corona", "lung_crop": False}
+    assert settings == {
+        "size": 64,
+        "fraction": 0.5,
+        "normalize": "ai-corona",
+        "lung_crop": False,
+        "lung_only": False,
+    }
     assert missing == ["fraction", "normalize"]
     with pytest.raises(CheckpointLoadError, match="lung-crop='yes' is invalid"):
         prepare_settings_from_card({"run_config": {"lung-crop": "yes"}}, Path("c"))
