@@ -48,11 +48,7 @@ from fedct.common.metrics.calibration import (
     tune_nll_grid,
 )
 from fedct.common.metrics.classification import summarize
-from fedct.common.metrics.pooled_operating_point import (
-    HIST_BINS,
-    choose_from_histograms,
-    score_histograms,
-)
+from fedct.common.metrics.pooled_operating_point import choose_from_histograms, score_histograms
 from fedct.common.run.directory import CheckpointLoadError
 from fedct.common.run.load import load_checkpoint
 from fedct.common.training.loop import evaluate
@@ -79,10 +75,16 @@ def _figures(labels: np.ndarray, probs: np.ndarray, threshold: float | None) -> 
     return figures
 
 
-def _operating_threshold(tune: list[tuple[np.ndarray, np.ndarray]], temperature: float) -> float:
-    """The federated operating point on the sites' summed tune histograms at ``temperature``."""
+DEFAULT_BINS = 50  # the run config's operating-point-bins default
+
+
+def _operating_threshold(
+    tune: list[tuple[np.ndarray, np.ndarray]], temperature: float, bins: int
+) -> float:
+    """The federated operating point on the sites' summed tune histograms of ``bins`` bins
+    at ``temperature``."""
     histograms = [
-        score_histograms(labels, apply_temperature(probs, temperature), HIST_BINS)
+        score_histograms(labels, apply_temperature(probs, temperature), bins)
         for labels, probs in tune
     ]
     covid = np.sum([h[0] for h in histograms], axis=0)
@@ -126,9 +128,12 @@ def _per_class_choice(
 
 
 def measure(
-    model_path: Path, sites: list[Path], external: Path, held_out: list[Path]
+    model_path: Path, sites: list[Path], external: Path, held_out: list[Path], bins: int | None
 ) -> dict[str, Any]:
     loaded = load_checkpoint(model_path)
+    if bins is None:
+        run_config = loaded.card.get("run_config") or {}
+        bins = int(run_config.get("operating-point-bins", DEFAULT_BINS))
     console = Console(stderr=True)
     grid = temperature_grid()
     tune, test = [], []
@@ -161,11 +166,12 @@ def measure(
         "held_out_scans": int(sets["held_out"][0].size) if extra else 0,
         "calibration": chosen.to_dict() | {"grid": [grid[0], grid[-1], len(grid)]},
         "target_ece": TARGET_ECE,
+        "operating_point_bins": bins,
         "pooled_test_scans": int(test_labels.size),
         "external_scans": int(ext_labels.size),
     }
     for name, temperature in (("before", 1.0), ("after", chosen.temperature)):
-        threshold = _operating_threshold(tune, temperature)
+        threshold = _operating_threshold(tune, temperature, bins)
         out[name] = {"temperature": temperature}
         for set_name, (labels, probs) in sets.items():
             at = threshold if set_name == "external" else None
@@ -198,12 +204,21 @@ def main() -> None:
     parser.add_argument(
         "--held-out", default="", help="caches of more patients of the sites, comma-separated"
     )
+    parser.add_argument(
+        "--bins",
+        type=int,
+        default=None,
+        help="histogram bins of the operating point (default: the card's run config's "
+        f"operating-point-bins, else {DEFAULT_BINS})",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
     args = parser.parse_args()
     sites = [Path(s) for s in args.sites.split(",") if s]
     try:
         held_out = [Path(c) for c in args.held_out.split(",") if c]
-        figures = measure(args.model, sites, args.external, held_out)
+        if args.bins is not None and args.bins < 1:
+            raise ValueError(f"--bins {args.bins}: must be at least 1")
+        figures = measure(args.model, sites, args.external, held_out, args.bins)
     except (CheckpointLoadError, CacheError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
