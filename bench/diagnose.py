@@ -36,10 +36,8 @@ from bench.harness import RESULTS, machine
 from fedct.client.evaluator.diagnose import Diagnoser
 from fedct.common.cache.normalize import parse_normalization, to_cache_pixels
 from fedct.common.cache.selection import middle_slices
-from fedct.common.classes import COVID_INDEX
 from fedct.common.ingest.base import Scan
 from fedct.common.ingest.discover import read_input
-from fedct.common.model.cam import class_activation_maps
 from fedct.common.model.classifier import ModelConfig, build_model
 from fedct.common.run.directory import RunDirectory
 from fedct.common.synth.cohort import render_scan
@@ -107,9 +105,6 @@ def prepare_parts(study: Path, settings: dict[str, Any]) -> dict[str, float]:
 def bench_model(name: str, study: Path, work: Path, repeats: int) -> dict[str, Any]:
     began = time.perf_counter()
     diagnoser = Diagnoser(make_card(work / f"run-{name}", name), export_cache=work / "exported")
-    size = int(diagnoser.settings["size"])
-    # The feature maps' export is compiled on first use: part of loading, as in the viewer.
-    class_activation_maps(diagnoser.scorer, torch.zeros(1, 1, size, size), COVID_INDEX)
     load = time.perf_counter() - began
     runs = []
     for i in range(repeats):

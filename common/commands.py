@@ -123,6 +123,16 @@ def _prepare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=defaults.size, help="slice size in pixels")
     parser.add_argument("--fraction", type=float, default=defaults.fraction)
     parser.add_argument("--normalize", default=defaults.normalize)
+    parser.add_argument(
+        "--lung-crop",
+        action="store_true",
+        help="crop each slice to the lungs before resizing (the run config's lung-crop)",
+    )
+    parser.add_argument(
+        "--lung-only",
+        action="store_true",
+        help="air beyond 5 mm of the lungs, so the model sees only them (run config lung-only)",
+    )
     parser.add_argument("--min-slices", type=int, default=defaults.min_slices)
     parser.add_argument("--splits", default="0.7,0.15,0.15", help="train,tune,test fractions")
     parser.add_argument("--seed", type=int, default=defaults.seed)

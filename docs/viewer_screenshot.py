@@ -102,7 +102,7 @@ def main() -> int:
             driver.find_element(By.ID, "zip-send").click()
             WebDriverWait(driver, 300).until(lambda d: d.find_elements(By.ID, "stage"))
             opacity = driver.find_element(By.ID, "opacity")
-            opacity.send_keys(*[Keys.ARROW_RIGHT] * 10)  # 40 % → 50 %
+            opacity.send_keys(*[Keys.ARROW_LEFT] * 30)  # 100 % → 70 %
             driver.execute_script("window.scrollTo(0, 0)")
             time.sleep(0.5)
             shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")

@@ -2,8 +2,10 @@
 
 Every scan of each external cache is scored (its splits do not matter here).  Metrics per
 set, named ``<set>-<metric>``: ``auc_covid`` (COVID-19 vs rest; a binary normal-vs-COVID-19
-set such as MosMedData maps onto it), ``sens_covid`` and ``spec_covid`` at a COVID-19
-probability of 0.5, ``accuracy`` (3-class), ``loss`` (cross entropy), ``n``, and the AUC's
+set such as MosMedData maps onto it), ``sens_covid`` and ``spec_covid`` at the round's
+federated operating point with its ``threshold`` (without one — round 0, or a round whose
+pooled tune splits could not choose one — ``sens_covid_at_0.5`` and ``spec_covid_at_0.5``),
+``accuracy`` (3-class), ``loss`` (cross entropy), ``n``, and the AUC's
 95 % patient-bootstrap interval ``auc_covid_ci_low`` / ``auc_covid_ci_high`` (1000 resamples,
 seed 0: cheap next to scoring the scans, and what a reader of the round table needs to judge a
 difference between rounds).  Patients are resampled in the order of their pixels' digests, as
@@ -19,6 +21,7 @@ from flwr.common import log
 
 from fedct.common.cache.dataset import CacheDataset
 from fedct.common.cache.store import patient_content_keys
+from fedct.common.metrics.operating_point import OperatingPoint
 from fedct.common.training.loop import score_split
 from fedct.server.global_model import GlobalModel
 from fedct.server.settings import ServerSettings
@@ -51,8 +54,9 @@ class CentralEvaluator:
             device=settings.device,
         )
 
-    def __call__(self) -> dict[str, float]:
-        """Score the global model's current weights on every external set."""
+    def __call__(self, operating_point: OperatingPoint | None = None) -> dict[str, float]:
+        """Score the global model's current weights on every external set, sensitivity and
+        specificity at ``operating_point`` (the round's, chosen on the sites' tune splits)."""
         metrics: dict[str, float] = {}
         for name, data in self.datasets.items():
             scores, _ = score_split(
@@ -64,6 +68,7 @@ class CentralEvaluator:
                 interval=(CI_LOW, CI_HIGH),
                 boot_keys=self.patient_keys[name],
                 n_boot=1000,
+                threshold=None if operating_point is None else operating_point.threshold,
             )
             metrics.update(scores)
             log(

@@ -3,13 +3,17 @@
 Sections: an overview (strategy, rounds, the best round, Flower run id, software); AUC and
 loss per round (the coordinator's evaluation on the external sets, the sites' pooled
 evaluation, training) with the chance line and the best round marked, and a numeric table of
-every round; each site's tune and test AUC per round with its 95 % CI (from the model cards);
+every round; each round's federated operating point with the sensitivity and specificity at
+it; each site's tune and test AUC per round with its 95 % CI (from the model cards);
 participation and train metrics per site; the model card of the best round (else the
 latest; the ``dp-*`` settings left out when DP was off); and the cross-site matrix of
-``cross_site.json`` when the run has one.  ``cross_site.json`` holds ``sites`` (rows: whose
-test data), ``models`` (columns: "global" and the sites' own models), ``global_round``, and
-``auc_covid``, ``accuracy``, ``n`` as rows × columns lists and ``auc_covid_ci`` as
-rows × columns [low, high] pairs, with ``null`` for absent cells.  See docs/evaluation.md.
+``cross_site.json`` when the run has one, naming the round of its global model.  Every
+sensitivity and specificity shown is at its round's operating point or names its threshold
+(a ``…_at_0.5`` key, or a central evaluation without ``<set>-threshold``: at 0.5).
+``cross_site.json`` holds ``sites`` (rows: whose test data), ``models`` (columns: "global"
+and the sites' own models), ``global_round``, and ``auc_covid``, ``accuracy``, ``n`` as
+rows × columns lists and ``auc_covid_ci`` as rows × columns [low, high] pairs, with ``null``
+for absent cells.  See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ DP_PREFIX = "dp-"
 CROSS_SITE = "cross_site.json"
 CROSS_SITE_METRICS = {"auc_covid": "COVID-19 AUC", "accuracy": "accuracy (3 classes)"}
 NOT_CURVES = {"num-examples", "round"}  # not drawn per site
+RATES = ("sens_covid", "spec_covid")
+AT_HALF = "_at_0.5"  # a rate at the fixed 0.5, where no operating point was known
+THRESHOLD = "-threshold"  # <set>-threshold: the threshold a central evaluation's rates are at
 
 
 class ReportError(ValueError):
@@ -74,6 +81,7 @@ def render_run(run_dir: Path) -> str:
             html_page.heading("Every round"),
             _round_table(lines, best_round),
         ),
+        html_page.section("Operating point per round", *_operating_points(lines, cards)),
         html_page.section(
             "Tune and test AUC per site",
             html_page.paragraph(
@@ -85,7 +93,10 @@ def render_run(run_dir: Path) -> str:
         html_page.section("Participation per round", _participation(lines)),
         html_page.section("Train metrics per site", *_site_charts(cards, marker)),
         html_page.section(f"Model card of round {shown}", _card(cards.get(shown))),
-        html_page.section("Cross-site evaluation", *_cross_site(run_dir.path / CROSS_SITE)),
+        html_page.section(
+            "Cross-site evaluation",
+            *_cross_site(run_dir.path / CROSS_SITE, shown, shown == best_round),
+        ),
     ]
     return html_page.page(f"fedct run {run_dir.path.name}", parts)
 
@@ -270,6 +281,69 @@ def _site_evaluation_charts(cards: dict[int, dict[str, Any]], marker: Marker) ->
     return charts
 
 
+def threshold_of(metrics: dict[str, Any], key: str) -> str | None:
+    """The threshold of a sensitivity or specificity key of ``metrics``, as a label: "0.5"
+    for a ``…_at_0.5`` key, else its set's ``<set>-threshold`` (0.5 in runs recorded before
+    fedct recorded it); None for a key that is no sensitivity or specificity."""
+    if key.endswith(AT_HALF):
+        return "0.5"
+    prefix, _, rate = key.rpartition("-")
+    if rate not in RATES:
+        return None
+    threshold = _number(metrics.get(f"{prefix}{THRESHOLD}"))
+    return "0.5" if threshold is None else f"{threshold:.4g}"
+
+
+def labelled_thresholds(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every sensitivity and specificity key named with its threshold."""
+    out = {}
+    for key, value in metrics.items():
+        threshold = threshold_of(metrics, key)
+        named = key.removesuffix(AT_HALF)
+        out[f"{named} (at {threshold})" if threshold is not None else key] = value
+    return out
+
+
+def _operating_points(lines: list[dict[str, Any]], cards: dict[int, dict[str, Any]]) -> list[str]:
+    """Each round's federated operating point, the pooled tune sensitivity and specificity
+    it was chosen for, and each external set's at that threshold."""
+    sets = sorted({name for line in lines for name in external_sets(line)})
+    header = ["round", "threshold", "rule", "chosen on", "tune sensitivity", "tune specificity"]
+    header += [f"{name} {rate}" for name in sets for rate in ("sensitivity", "specificity")]
+    rows = []
+    for line in lines:
+        op = (cards.get(line["round"]) or {}).get("operating_point")
+        if not isinstance(op, dict):
+            continue
+        central = line.get("central") or {}
+        row = [
+            line["round"],
+            _fmt(op.get("threshold"), 4),
+            op.get("rule"),
+            op.get("chosen_on"),
+            _fmt(op.get("sensitivity")),
+            _fmt(op.get("specificity")),
+        ]
+        for name in sets:
+            at = _number(central.get(f"{name}{THRESHOLD}"))
+            same = at is not None and at == _number(op.get("threshold"))
+            row += [_fmt(central.get(f"{name}-{rate}")) if same else None for rate in RATES]
+        rows.append(row)
+    if not rows:
+        return [html_page.paragraph("No round chose an operating point.")]
+    return [
+        html_page.paragraph(
+            "Each round's COVID-19 threshold, chosen on the sites' tune histograms of "
+            "p(COVID-19) summed (docs/evaluation.md), the pooled tune sensitivity and "
+            "specificity it was chosen for, and each external set's at that threshold (—: the "
+            "round's central evaluation was not at it). Every sensitivity and specificity of "
+            "this report is at its round's threshold or names its own: the sites' tune and "
+            "test figures are scored before the round's threshold exists, at 0.5."
+        ),
+        html_page.table(header, rows),
+    ]
+
+
 def _participation(lines: list[dict[str, Any]]) -> str:
     sites = sorted({site for line in lines for site in line.get("sites") or {}})
     rows = [
@@ -340,7 +414,8 @@ def _card(card: dict[str, Any] | None) -> str:
         "model config": card.get("model_config"),
         "run config": shown_run_config(card.get("run_config") or {}),
         "operating point": card.get("operating_point"),
-        "central evaluation": card.get("central_evaluation"),
+        "calibration": card.get("calibration"),
+        "central evaluation": labelled_thresholds(card.get("central_evaluation") or {}),
     }
     for title, content in sections.items():
         if isinstance(content, dict) and content:
@@ -387,7 +462,7 @@ def _cell_notes(
     return notes
 
 
-def _cross_site(path: Path) -> list[str]:
+def _cross_site(path: Path, card_round: int, card_is_best: bool) -> list[str]:
     if not path.exists():
         return [html_page.paragraph(f"This run has no {CROSS_SITE}.")]
     try:
@@ -408,7 +483,8 @@ def _cross_site(path: Path) -> list[str]:
             "global model after the last round, or a site's own model (its weights after the "
             "last round it trained in). Under each AUC: the scans scored (n) and the site's "
             "patient-level bootstrap 95% CI. Hatched cells (—) are absent."
-        )
+        ),
+        html_page.paragraph(_cross_site_round(global_round, card_round, card_is_best)),
     ]
     notes = _cell_notes(content, sites, models)
     for key, title in CROSS_SITE_METRICS.items():
@@ -436,6 +512,22 @@ def _cross_site(path: Path) -> list[str]:
             )
         )
     return parts
+
+
+def _cross_site_round(global_round: Any, card_round: int, card_is_best: bool) -> str:
+    """Which round's global model the matrix scored, beside the round of the card above."""
+    which = "the best round's" if card_is_best else "the latest round's"
+    if global_round is None:
+        return (
+            f"The global model scored here is the final round's; the model card above is "
+            f"{which}, round {card_round}."
+        )
+    if global_round == card_round:
+        return f"The global model scored here is round {global_round}'s, the card's above."
+    return (
+        f"The global model scored here is round {global_round}'s (the last round); the model "
+        f"card above is {which}, round {card_round}: its AUCs here are not this matrix's."
+    )
 
 
 def _names(content: Any, key: str, path: Path) -> list[str]:

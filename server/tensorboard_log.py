@@ -4,7 +4,11 @@
 directory is one TensorBoard run.  Written per round, with the round as the step:
 
 - ``central/<set>/<metric>``: the coordinator's evaluation on each external set (AUC, loss,
-  sensitivity, specificity, accuracy);
+  accuracy, and sensitivity and specificity at the round's operating point, whose threshold
+  is ``central/<set>/threshold``);
+- ``operating_point/threshold``, ``operating_point/tune_sensitivity`` and
+  ``operating_point/tune_specificity``: the round's federated operating point and the
+  pooled tune figures it was chosen for;
 - ``federated/<split>-<metric>``: the sites' evaluation pooled by the strategy;
 - ``train/<metric>``: the aggregated train metrics;
 - ``sites/<split>-<metric>/<site>``: each site's own tune and test metrics, and
@@ -13,6 +17,9 @@ directory is one TensorBoard run.  Written per round, with the round as the step
   ``transport/upload-bytes`` (weights sent to and received from the sites),
   ``time/round-seconds``;
 - ``best/<metric>``: the best value so far of the run's ``best-metric``.
+
+A sensitivity or specificity at another threshold names it: ``…_at_0.5`` (the sites' own
+tune and test figures, scored before the round's operating point exists).
 
 The run config goes in once, as text.  A resumed run purges the steps after the round it
 resumes from, so a round repeated after a crash is not drawn twice.
@@ -29,6 +36,12 @@ from fedct.common.run.directory import RunDirectory
 
 AUC_SUFFIX = "-auc_covid"
 NOT_SCALARS = {"num-examples", "round"}
+# The card's operating point: its fields and their tags under operating_point/.
+OPERATING_POINT_TAGS = {
+    "threshold": "threshold",
+    "sensitivity": "tune_sensitivity",
+    "specificity": "tune_specificity",
+}
 
 
 def _scalars(values: dict[str, Any] | None) -> dict[str, float]:
@@ -65,6 +78,11 @@ def round_scalars(
     for entry in (card.get("federated_evaluation") or {}).get("sites") or []:
         for key, value in _scalars(entry.get("metrics")).items():
             tags[f"sites/{key}/{entry.get('site')}"] = value
+    op = card.get("operating_point")
+    if isinstance(op, dict):
+        for key, name in OPERATING_POINT_TAGS.items():
+            if isinstance(op.get(key), int | float) and math.isfinite(op[key]):
+                tags[f"operating_point/{name}"] = float(op[key])
     if line.get("round"):
         tags["participation/sites"] = float(len(line.get("sites") or {}))
         tags["participation/failures"] = float(line.get("failures") or 0)

@@ -83,8 +83,8 @@ def test_ctrl_c_stops_prepare_in_one_line_and_the_rerun_resumes(site: Path, tmp_
     # then leaves ignored: the child restores what a terminal gives it.
     slow = (
         "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "import sys, time; import fedct.common.cache.prepare as p; convert = p.to_cache_pixels; "
-        "p.to_cache_pixels = lambda *a: (time.sleep(0.4), convert(*a))[1]; "
+        "import sys, time; import fedct.common.cache.prepare as p; convert = p.cache_slices; "
+        "p.cache_slices = lambda *a, **k: (time.sleep(0.4), convert(*a, **k))[1]; "
         "from fedct.common.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     command = [sys.executable, "-c", slow, "prepare", "--input", str(site), "--out", str(cache)]

@@ -21,11 +21,14 @@ from fedct.client.evaluator.diagnose import run
 from fedct.client.evaluator.study_input import InputError, Limits, unpack_zip
 from fedct.common.classes import GLOBAL_CLASSES
 
+CALIBRATION = {"temperature": 2.0, "grid": [1.0, 2.0], "chosen_on": "tune splits, 9 scans"}
+
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A DICOM export of three studies (one with a localizer beside its axial series, one
-    with only a localizer) and a stray file, and a run whose card stores an operating point."""
+    with only a localizer) and a stray file, and a run whose card stores an operating point
+    and a calibration temperature."""
     root = tmp_path_factory.mktemp("diagnose")
     rng = np.random.default_rng(0)
     raw = root / "raw"
@@ -37,7 +40,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "root": root,
         "raw": raw,
-        "card": make_run(root / "run", operating_point=STORED_OP),
+        "card": make_run(root / "run", operating_point=STORED_OP, calibration=CALIBRATION),
         "uids": {"patient-a": clear, "patient-b": hazy, "patient-c": scout_only},
     }
 
@@ -90,6 +93,7 @@ def test_every_study_gets_a_result_or_a_reason_and_identifiers_stay_in_out(
             study["probabilities"]["covid19"] >= STORED_OP["threshold"]
         )
         assert study["slices"]["count"] == 6  # the middle 50 % of 12 slices
+        assert study["slices"]["lungs_outlined"]  # prepare stores every scan's lung mask
         for picture in study["slices"]["plain"] + study["slices"]["evidence"]:
             assert (out / "studies" / picture).is_file()
         assert (out / study["page"]).is_file()
@@ -119,8 +123,9 @@ def test_every_study_gets_a_result_or_a_reason_and_identifiers_stay_in_out(
 def test_diagnose_and_evaluate_give_a_scan_the_same_probabilities(
     studies: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Through the same preparation and scoring (OpenVINO where installed), and evaluate
-    names each study's source and StudyInstanceUID in predictions.csv."""
+    """Through the same preparation and scoring (OpenVINO where installed) at the card's
+    temperature, and evaluate names each study's source and StudyInstanceUID in
+    predictions.csv."""
     card, raw = studies["card"], studies["raw"]
     assert diagnose_cli("--model", card, "--input", raw, "--out", tmp_path / "d") == 0
     assert evaluate_cli("--model", card, "--data", raw, "--out", tmp_path / "e") == 0

@@ -98,7 +98,8 @@ def read_outputs(out: Path) -> tuple[list[dict[str, str]], dict[str, Any], str]:
 
 
 def test_cache_with_the_cards_operating_point(tmp_path: Path, cache: Path) -> None:
-    card = make_run(tmp_path / "run", operating_point=STORED_OP)
+    calibration = {"temperature": 2.0, "grid": [1.0, 2.0], "chosen_on": "tune splits, 9 scans"}
+    card = make_run(tmp_path / "run", operating_point=STORED_OP, calibration=calibration)
     assert (
         evaluate_cli(
             "--model", card, "--data", cache, "--out", tmp_path / "out", "--splits", "test"
@@ -122,16 +123,38 @@ def test_cache_with_the_cards_operating_point(tmp_path: Path, cache: Path) -> No
         "size": 32,
         "fraction": 0.5,
         "normalize": "ai-corona",
+        "lung_crop": False,  # a cache from before the options
+        "lung_only": False,
     }
     for key in ("auc_covid", "sens_covid", "spec_covid", "accuracy", "kappa", "confusion_3x3"):
         assert set(metrics["metrics"][key]) == {"value", "ci", "n_valid"}
     assert metrics["curves"]["roc"]["band"]["tpr_low"]
     assert metrics["notes"] == []
+    # The card's temperature is applied; the reliability before it is shown beside.
+    assert metrics["calibration"]["temperature"] == 2.0
+    assert set(metrics["calibration"]["before"]) == {"ece", "brier"}
+    assert metrics["curves"]["calibration_before"]["count"] != []
+    assert "10 equal-width bins, without the temperature" in report
+    assert "10 equal-width bins, temperature 2" in report
+    uncalibrated = _scores(tmp_path / "run" / "round_001.safetensors", cache)
+    calibrated = np.array([[float(p[f"p_{c}"]) for c in GLOBAL_CLASSES] for p in predictions])
+    order = {p["scan_id"]: i for i, p in enumerate(predictions)}
+    for scan_id, probs in uncalibrated.items():
+        expected = np.exp(np.log(probs) / 2.0)
+        np.testing.assert_allclose(calibrated[order[scan_id]], expected / expected.sum(), atol=2e-6)
 
     assert not EXTERNAL_LINK.search(report)
     assert report.count("<svg") >= 2 and "ROC curve" in report
     assert report.count('alt="CAM of scan') == 6  # 3 correct, 3 wrong CAM overlays
     assert report.count('alt="slice of scan') == 6  # each beside its plain slice
+
+
+def _scores(weights: Path, cache: Path) -> dict[str, np.ndarray]:
+    """The uncalibrated probabilities of the test split's scans, by scan id."""
+    loaded = load_checkpoint(weights)
+    data = CacheDataset(cache, ["test"])
+    result = evaluate(loaded.model, make_loader(data, 4), "cpu")
+    return dict(zip(result.scan_ids, result.probs, strict=True))
 
 
 def test_operating_point_is_chosen_on_the_tuning_data(tmp_path: Path, cache: Path) -> None:
@@ -199,6 +222,8 @@ def test_raw_mosmed_folder_is_prepared_with_the_cards_settings(tmp_path: Path) -
         "size": 32,
         "fraction": 0.5,
         "normalize": "ai-corona",
+        "lung_crop": False,  # a cache from before the options
+        "lung_only": False,
     }
     assert "auc_ovr_pneumonia_or_abnormal" not in metrics["metrics"]
     assert not EXTERNAL_LINK.search(report) and "<svg" in report
@@ -239,12 +264,28 @@ def test_the_central_evaluations_interval_does_not_depend_on_the_salt(tmp_path: 
     assert (tmp_path / "first" / ".salt").read_text() != (tmp_path / "second" / ".salt").read_text()
     assert metrics[0] == metrics[1]
     assert metrics[0]["m-auc_covid_ci_low"] < metrics[0]["m-auc_covid_ci_high"]
+    # Without the round's operating point the rates name their threshold; with it, they are
+    # at it and it is recorded beside them.
+    assert {"m-sens_covid_at_0.5", "m-spec_covid_at_0.5"} <= set(metrics[0])
+    assert "m-sens_covid" not in metrics[0] and "m-threshold" not in metrics[0]
+    at_point = evaluator(choose_operating_point(np.array([0, 2]), np.eye(3)[[0, 2]], "youden"))
+    assert at_point["m-threshold"] == 1.0 and "m-sens_covid_at_0.5" not in at_point
+    assert {"m-sens_covid", "m-spec_covid"} <= set(at_point)
 
 
 def test_missing_prepare_settings_fall_back_to_defaults_and_say_so() -> None:
     settings, missing = prepare_settings_from_card({"run_config": {"image-size": 64}}, Path("c"))
-    assert settings == {"size": 64, "fraction": 0.5, "normalize": "ai-corona"}
+    # A card from before lung-crop existed was trained without it, and needs no note.
+    assert settings == {
+        "size": 64,
+        "fraction": 0.5,
+        "normalize": "ai-corona",
+        "lung_crop": False,
+        "lung_only": False,
+    }
     assert missing == ["fraction", "normalize"]
+    with pytest.raises(CheckpointLoadError, match="lung-crop='yes' is invalid"):
+        prepare_settings_from_card({"run_config": {"lung-crop": "yes"}}, Path("c"))
 
 
 def test_digest_mismatch_is_a_clear_error(

@@ -14,7 +14,8 @@ from test_evaluate import STORED_OP, cache, evaluate_cli, make_run, write_mosmed
 
 from fedct.common.cache.store import write_settings
 from fedct.common.metrics.bootstrap import auc_interval
-from fedct.common.metrics.classification import calibration_scores, wilson_interval
+from fedct.common.metrics.calibration import calibration_scores
+from fedct.common.metrics.classification import wilson_interval
 
 __all__ = ["cache"]  # the fixture, shared with test_evaluate
 
@@ -78,7 +79,7 @@ def test_report_sections_severity_calibration_cams_and_provenance(tmp_path: Path
         "Per class",
         "Confusion matrices",
         "Calibration of p(COVID-19)",
-        "Class activation maps (COVID-19)",
+        "Evidence for COVID-19",
     ]
     overview = dict(row for row in page.tables[0] if len(row) == 2)
     assert overview["run"] == "run key k1, Flower run id 42"
@@ -95,14 +96,13 @@ def test_report_sections_severity_calibration_cams_and_provenance(tmp_path: Path
     )
 
     assert 0 <= metrics["calibration"]["ece"] <= 1 and 0 <= metrics["calibration"]["brier"] <= 1
-    calibration = dict(page.table_with("expected calibration error (ECE)"))
+    calibration = dict(page.table_with("temperature applied"))
     assert float(calibration["Brier score (COVID-19 vs rest)"]) == pytest.approx(
         metrics["calibration"]["brier"], abs=1e-3
     )
     bins = page.table_with("p(COVID-19) bin")
     assert sum(int(row[1]) for row in bins[1:]) == metrics["n_scans"]
-    assert "CAM colour scale" in page.images
-    assert page.images.count("CAM colour scale") == 1
+    assert page.images.count("evidence colour scale") == 1
     cams = [alt for alt in page.images if alt.startswith("CAM of scan")]
     plain = [alt for alt in page.images if alt.startswith("slice of scan")]
     assert cams and len(cams) == len(plain)

@@ -23,9 +23,9 @@ from sklearn.metrics import (
 
 from fedct.common.classes import COVID_INDEX, GLOBAL_CLASSES
 from fedct.common.metrics.bootstrap import full_report, patient_strata, roc_band, scan_weight_chunks
+from fedct.common.metrics.calibration import calibration_bins
 from fedct.common.metrics.classification import (
     SUMMARY_KEYS,
-    calibration_bins,
     roc_curve_points,
     summarize,
     weighted_metrics,

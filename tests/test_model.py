@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fedct.common.model.cam import class_activation_maps, overlay
 from fedct.common.model.classifier import (
     BATCH_NORMS,
     ModelConfig,
@@ -239,54 +237,3 @@ def test_pretrained_weights_errors_name_the_file(tmp_path: Path) -> None:
 def test_config_rejects_bad_options(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         ModelConfig(backbone=TINY, **options)
-
-
-def test_cam_shape_and_range() -> None:
-    model = tiny_model()
-    x, _ = padded_batch([3], size=64)
-    cam = class_activation_maps(model, x[0], class_index=2)
-    assert cam.shape == (3, 64, 64)
-    assert cam.dtype == np.float32
-    assert cam.min() >= 0.0
-    assert cam.max() == pytest.approx(1.0)
-
-
-def test_cam_peaks_where_the_class_evidence_is() -> None:
-    """A head whose class 1 scores the features of a planted patch (and class 0 their opposite):
-    the class-1 map must peak on the patch, and each map must use its own class's weights."""
-    model = tiny_model()
-    size = 128
-    x = torch.full((1, 1, size, size), 0.45)  # about ImageNet's mean grey
-    x[..., 8:40, 8:40] = 1.0  # a bright patch in the top-left feature cell
-    with torch.no_grad():
-        maps = model.backbone.forward_features(model.backbone_input(x))[0]  # (D, 4, 4)
-        evidence = maps[:, 0, 0] - maps[:, 3, 3]
-        model.head.weight[1] = evidence
-        model.head.weight[0] = -evidence
-    patch_cam = class_activation_maps(model, x, class_index=1)[0]
-    other_cam = class_activation_maps(model, x, class_index=0)[0]
-    row, col = np.unravel_index(patch_cam.argmax(), patch_cam.shape)
-    assert row < size // 2 and col < size // 2
-    # Pixels 15 and 112 take exactly the values of cells (0, 0) and (3, 3) after upsampling.
-    assert patch_cam[15, 15] > patch_cam[112, 112]
-    assert other_cam[15, 15] <= other_cam[112, 112]
-
-
-def test_cam_restores_training_mode() -> None:
-    model = tiny_model().train()
-    class_activation_maps(model, padded_batch([2])[0][0], class_index=0)
-    assert model.training
-
-
-def test_overlay_colours() -> None:
-    grey = np.full((4, 6), 100, dtype=np.uint8)
-    cam = np.zeros((4, 6), dtype=np.float32)
-    cam[:, 3:] = 1.0
-    picture = overlay(grey, cam, alpha=0.5)
-    assert picture.shape == (4, 6, 3) and picture.dtype == np.uint8
-    cold, hot = picture[0, 0].astype(int), picture[0, 5].astype(int)
-    assert cold[2] > cold[0]  # low evidence is blue
-    assert hot[0] > hot[2]  # high evidence is red
-    np.testing.assert_array_equal(overlay(grey, cam, alpha=0.0)[..., 1], grey)
-    with pytest.raises(ValueError):
-        overlay(grey, cam[:2])

@@ -98,6 +98,7 @@ def test_qa_page_shows_samples_hu_scanners_and_collapsed_rejections(
     assert page.sections == [
         "Scans per class and split",
         "Slices of one scan per class",
+        "Lung masks",
         "Hounsfield units per class",
         "Scanners and spacing",
         "Slices per scan (before selection)",
@@ -115,6 +116,8 @@ def test_qa_page_shows_samples_hu_scanners_and_collapsed_rejections(
             sample["shown_slices"][0] == 0 and sample["shown_slices"][-1] == sample["n_slices"] - 1
         )
         assert {start, stop - 1} <= set(sample["shown_slices"])
+    assert qa["lung_masks"]["measured"] == qa["scans"]
+    assert sum(qa["lung_masks"]["share_histogram"].values()) == qa["scans"]
     assert set(qa["hu_histogram"]["per_class"]) == set(classes)
     assert sum(qa["hu_histogram"]["per_class"][classes[0]]) > 0
     scanners = page.table_with("scanner")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from page_parts import Page
 from fedct.common.run.directory import RunDirectory
 from fedct.server import commands
 from fedct.server.report import run
+from fedct.server.tensorboard_log import round_scalars
 
 EXTERNAL_LINK = re.compile(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", re.IGNORECASE)
 CROSS_SITE = {
@@ -36,6 +38,10 @@ def make_run(run_dir: Path) -> None:
         central = {"mosmed-auc_covid": 0.6 + 0.1 * r, "mosmed-loss": 1.0 - 0.1 * r}
         if r == 1:
             del central["mosmed-auc_covid"]
+        threshold = 0.4 + 0.01 * r
+        if r >= 2:  # round 2's central evaluation at a fixed 0.5, round 3's at its threshold
+            central.update({"mosmed-sens_covid": 0.7, "mosmed-spec_covid": 0.9})
+            central["mosmed-threshold"] = threshold if r == 3 else 0.5
         train = {"participants": participants if r else []}
         sites_evaluated = [
             {
@@ -53,8 +59,19 @@ def make_run(run_dir: Path) -> None:
             "model_config": {"backbone": "test_efficientnet"},
             "run_config": {"seed": 0, "dp": False, "dp-delta": 0.0, "lr": 0.0012345678901},
             "federated_evaluation": {"sites": sites_evaluated if r else []},
+            "central_evaluation": central,
             "software": {"fedct": "0.1.0", "torch": "2.14.1"},
             "run": {"run_key": "k", "flower_run_id": 77},
+            "operating_point": {
+                "threshold": threshold,
+                "rule": "sens_at_spec",
+                "chosen_on": "pooled tune splits of 2 sites, 30 scans",
+                "sensitivity": 0.8,
+                "specificity": 0.95,
+                "min_specificity": 0.95,
+            }
+            if r
+            else None,
         }
         line = {
             "sites": sites if r else {},
@@ -108,6 +125,7 @@ def test_report_marks_the_best_round_and_shows_sites_rounds_and_cross_site_detai
     page = Page(text)
     assert page.sections == [
         "Per round",
+        "Operating point per round",
         "Tune and test AUC per site",
         "Participation per round",
         "Train metrics per site",
@@ -128,6 +146,14 @@ def test_report_marks_the_best_round_and_shows_sites_rounds_and_cross_site_detai
     assert "dp-delta" not in text.split("the whole card")[0] and "0.001235" in text
     header = page.table_with("test data of ↓ / model →")[0]
     assert header[1:] == ["global (round 3)", "hospital-a's own", "hospital-b's own"]
+    assert "The global model scored here is round 3's, the card's above." in html.unescape(text)
+    points = page.table_with("threshold")
+    assert points[0][-2:] == ["mosmed sensitivity", "mosmed specificity"]
+    assert [row[0] for row in points[1:]] == ["1", "2", "3"]
+    # Round 2's central evaluation was at 0.5, not at its threshold: not shown as if it were.
+    assert points[2][1] == "0.42" and points[2][-2:] == ["—", "—"]
+    assert points[3][1] == "0.43" and points[3][-2:] == ["0.7", "0.9"]
+    assert ["mosmed-sens_covid (at 0.43)", "0.7"] in [row for t in page.tables for row in t]
     assert "n = 12, CI 0.80–0.97" in text and "n = 9, no CI: every resample equal" in text
 
 
@@ -161,3 +187,17 @@ def test_a_folder_without_metrics_is_refused(
 ) -> None:
     assert report_cli(tmp_path) == 2
     assert "metrics.jsonl: missing" in capsys.readouterr().err
+
+
+def test_tensorboard_logs_the_operating_point_and_names_other_thresholds() -> None:
+    line = {
+        "round": 2,
+        "central": {"ext-sens_covid": 0.8, "ext-threshold": 0.41, "ext-auc_covid": 0.9},
+        "federated": {"tune-sens_covid_at_0.5": 0.6},
+    }
+    card = {"operating_point": {"threshold": 0.41, "sensitivity": 0.85, "specificity": 0.95}}
+    tags = round_scalars(line, card, None)
+    assert tags["central/ext/sens_covid"] == 0.8 and tags["central/ext/threshold"] == 0.41
+    assert tags["federated/tune-sens_covid_at_0.5"] == 0.6
+    assert tags["operating_point/threshold"] == 0.41
+    assert tags["operating_point/tune_sensitivity"] == 0.85

@@ -36,6 +36,7 @@ from fedct.client.evaluator import diagnosis_page
 from fedct.client.evaluator.evaluate import UNTUNED, prepared_raw, score_scans
 from fedct.client.evaluator.study_input import InputError, Limits, input_folder, scan_id
 from fedct.common.cache.dataset import CacheDataset, to_model_input
+from fedct.common.cache.lung_mask import read_lung_mask
 from fedct.common.cache.pseudonym import load_or_create_salt
 from fedct.common.cache.store import CacheError, atomic_open, scan_path
 from fedct.common.classes import COVID_INDEX, GLOBAL_CLASSES, LabelMapError
@@ -158,7 +159,9 @@ class Diagnoser:
             tell("scoring", 0.4)
             dataset = CacheDataset(cache_dir, unlabelled=True)
             scored = (
-                score_scans(self.scorer, dataset, batch_size, self.device) if len(dataset) else None
+                score_scans(self.scorer, dataset, batch_size, self.device, self.loaded.temperature)
+                if len(dataset)
+                else None
             )
             clock.lap("score")
             studies, unassigned = _group(root, fmt, scans, prepared.rejections)
@@ -243,16 +246,25 @@ class Diagnoser:
     def _evidence(
         self, entry: dict[str, Any], cache_dir: Path, scan: str, out: Path, clock: _Clock
     ) -> None:
-        """The COVID-19 class-activation map of every selected slice, written beside the
-        study's page as a plain and an evidence picture per slice."""
+        """The COVID-19 evidence map of every selected slice (common/model/cam.py, the maps and
+        scale of ``fedct evaluate``'s report, at the card's temperature), with the lung mask
+        ``prepare`` computed for the scan outlined, written beside the study's page as a plain
+        and an evidence picture per slice.  The maps take gradients, so they come from the
+        eager model, not a compiled scorer."""
         pixels = np.load(scan_path(cache_dir, scan))
         try:
-            cams = class_activation_maps(self.scorer, to_model_input(pixels), COVID_INDEX)
+            cams = class_activation_maps(
+                self.loaded.model,
+                to_model_input(pixels),
+                COVID_INDEX,
+                temperature=self.loaded.temperature,
+            )
         except ValueError as exc:  # a backbone without spatial feature maps
             entry["qa"].append(f"no evidence maps: {exc}")
             cams = None
+        lungs = read_lung_mask(cache_dir, scan, pixels.shape)
         clock.lap("cam")
-        entry["slices"] = diagnosis_page.write_slices(out, entry["number"], pixels, cams)
+        entry["slices"] = diagnosis_page.write_slices(out, entry["number"], pixels, cams, lungs)
         clock.lap("write")
 
     def _write(self, outcome: Outcome, out: Path, input_name: str) -> None:

@@ -7,9 +7,9 @@ COVID-19 evidence overlay (on/off, opacity, colour bar).  The slices are PNG fil
 page (``studies/NNN/``): a study of hundreds of 512² slices would not fit in one file.  The
 same page is what ``fedct serve`` shows, which adds its own navigation at ``NAV_MARK``.
 
-Evidence pictures come from ``common/model/cam.py`` alone: ``overlay`` at full strength
-(the page's opacity control blends it over the slice as ``overlay`` blends at that alpha)
-and ``colour_bar``.
+Evidence pictures come from ``common/model/cam.py`` alone, as in ``fedct evaluate``'s report:
+``overlay`` (the evidence on one fixed scale for every study, the lungs outlined; the page's
+opacity control fades that picture over the plain slice) and ``colour_bar`` with its values.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fedct.common.cache.lung_mask import outline
 from fedct.common.classes import GLOBAL_CLASSES
-from fedct.common.model.cam import colour_bar, overlay
+from fedct.common.model.cam import EVIDENCE_SCALE, colour_bar, evidence_slice, overlay
 
 STUDIES = "studies"
 COLOUR_BAR = "colour_bar.png"
 NAV_MARK = "<!--fedct-nav-->"
-OPACITY = 0.4  # the overlay's opacity when a page opens (cam.overlay's default alpha)
+OPACITY = 1.0  # the evidence picture's opacity when a page opens: as evaluate's report draws it
 CLASS_NAMES = {
     "normal": "normal",
     "pneumonia_or_abnormal": "pneumonia or other abnormality",
@@ -52,7 +53,7 @@ border:1px solid #4a9d5b}.decision{padding:.6em 1em;margin:.6em 0;font-size:1.05
 .stage:focus{box-shadow:0 0 0 3px #3b7dd8}
 .controls{margin:.6em 0;display:flex;flex-direction:column;gap:.45em;width:512px}
 .controls input[type=range]{width:100%}.bar{display:flex;align-items:center;gap:.5em}
-.bar img{width:256px;height:12px;border:1px solid #999}.bar span{font-size:.85em;color:#444}
+.bar img{max-width:100%;height:auto}.bar span{font-size:.85em;color:#444}
 .pbar{display:inline-block;height:.8em;background:#3b7dd8;vertical-align:middle}
 """
 _SCRIPT = """
@@ -96,23 +97,30 @@ def clear(out: Path) -> None:
 
 
 def write_slices(
-    out: Path, number: int, pixels: np.ndarray, cams: np.ndarray | None
+    out: Path,
+    number: int,
+    pixels: np.ndarray,
+    cams: np.ndarray | None,
+    lungs: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write a study's selected slices (uint8 (S, H, W)) and their evidence pictures; return
-    where they are, relative to the study's page, and the slice with the most evidence."""
+    """Write a study's selected slices (uint8 (S, H, W)) and their evidence pictures (with
+    the outline of the lung mask ``lungs``, bool (S, H, W), where there is one); return where
+    they are, relative to the study's page, and the slice with the most evidence."""
     folder = out / STUDIES / f"{number:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     plain, evidence = [], []
     for i, grey in enumerate(pixels):
         plain.append(_png(folder / f"slice_{i:03d}.png", grey))
         if cams is not None:
-            evidence.append(_png(folder / f"evidence_{i:03d}.png", overlay(grey, cams[i], 1.0)))
-    peak = 0 if cams is None else int(cams.reshape(len(cams), -1).mean(axis=1).argmax())
+            border = None if lungs is None else outline(lungs[i])
+            picture = overlay(grey, cams[i], outline=border)
+            evidence.append(_png(folder / f"evidence_{i:03d}.png", picture))
     return {
         "count": len(pixels),
         "plain": [f"{folder.name}/{name}" for name in plain],
         "evidence": [f"{folder.name}/{name}" for name in evidence],
-        "most_evidence": peak,
+        "most_evidence": 0 if cams is None else evidence_slice(cams),
+        "lungs_outlined": cams is not None and lungs is not None,
     }
 
 
@@ -240,10 +248,16 @@ def _viewer(study: dict[str, Any]) -> str:
             "overlay</label>",
             f'<label>opacity <input type="range" id="opacity" min="0" max="100" '
             f'value="{round(OPACITY * 100)}"></label>',
-            f'<div class="bar"><span>0</span><img src="../{COLOUR_BAR}" alt="colour bar">'
-            "<span>1</span></div>",
-            '<span class="note">class-activation map for COVID-19: 0 is no evidence, 1 the '
-            "strongest evidence in this scan</span>",
+            f'<div class="bar"><img src="../{COLOUR_BAR}" alt="colour bar"></div>',
+            '<span class="note">evidence for COVID-19 against the other classes, per pixel on '
+            f"one scale for every study (a region of 1 % of the scan's pixels at "
+            f"{EVIDENCE_SCALE:g} adds {EVIDENCE_SCALE / 100:g} to the log-odds); "
+            + (
+                "the lungs outlined in cyan"
+                if slices.get("lungs_outlined")
+                else "no lung outline: no lung mask for this scan"
+            )
+            + "</span>",
         ]
     else:
         controls.append('<p class="warn">no evidence maps for this model</p>')

@@ -36,8 +36,14 @@ from rich.markup import escape
 from fedct.client.evaluator.report import UNTUNED, ci_text, render_report
 from fedct.client.evaluator.study_input import ScanSource, scan_sources
 from fedct.common import html_page
-from fedct.common.cache.config import RUN_CONFIG_KEYS, PrepareConfig, differing_settings
+from fedct.common.cache.config import (
+    ABSENT_MEANS,
+    RUN_CONFIG_KEYS,
+    PrepareConfig,
+    differing_settings,
+)
 from fedct.common.cache.dataset import CacheDataset, make_loader, to_model_input
+from fedct.common.cache.lung_mask import outline, read_lung_mask
 from fedct.common.cache.prepare import PrepareResult, prepare
 from fedct.common.cache.pseudonym import load_or_create_salt
 from fedct.common.cache.scan_index import verify_cache
@@ -54,14 +60,20 @@ from fedct.common.console import out as stdout
 from fedct.common.ingest.base import Rejection
 from fedct.common.ingest.labels import LabelsError
 from fedct.common.metrics.bootstrap import full_report, roc_band
-from fedct.common.metrics.classification import (
+from fedct.common.metrics.calibration import (
+    apply_temperature,
     calibration_bins,
     calibration_scores,
-    roc_curve_points,
-    wilson_interval,
+    ece_noise_floor,
 )
+from fedct.common.metrics.classification import roc_curve_points, wilson_interval
 from fedct.common.metrics.operating_point import OperatingPoint, choose_operating_point
-from fedct.common.model.cam import class_activation_maps, overlay
+from fedct.common.model.cam import (
+    class_activation_maps,
+    evidence_slice,
+    inside_share,
+    overlay,
+)
 from fedct.common.model.classifier import SliceClassifier
 from fedct.common.model.inference_engine import scoring_model
 from fedct.common.provenance import software_versions
@@ -145,7 +157,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             loaded.model, args.engine, device, int(data.settings["size"])
         )
         op, op_source = _operating_point(loaded, scorer, tuning, dataset, args, device, notes)
-        result = score_scans(scorer, dataset, args.batch_size, device, progress=True)
+        result = score_scans(
+            scorer, dataset, args.batch_size, device, loaded.temperature, progress=True
+        )
         if not labelled:
             args.out.mkdir(parents=True, exist_ok=True)
             for stale in OUTPUTS[1:]:  # an earlier evaluation's metrics are not this data's
@@ -157,7 +171,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         # pseudonyms: a raw folder and its prepared cache give the same intervals.
         keys = patient_content_keys(data.cache_dir, dataset.rows)
         boot_ids = [keys[p] for p in result.patient_ids]
-        cams = _cam_figures(loaded.model, data.cache_dir, result, op, args.cams, notes)
+        cams = _cam_figures(loaded, data.cache_dir, result, op, args.cams, notes)
         counts = _data_counts(data, dataset, splits)
     report = {
         "model": {
@@ -181,8 +195,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         **full_report(
             result.labels, result.probs, boot_ids, op, n_boot=args.n_boot, seed=args.seed
         ),
-        "curves": _curves(result, boot_ids, args.n_boot, args.seed),
-        "calibration": calibration_scores(result.labels, result.probs),
+        "curves": _curves(result, boot_ids, args.n_boot, args.seed, loaded.temperature),
+        "calibration": _calibration(result, loaded),
         "by_severity": by_severity(dataset.rows, result, op),
         "decisions_differ": decisions_differ(result, op),
         "notes": notes,
@@ -231,7 +245,8 @@ def _cache_for(
                 "pixels than it learned from. Give the raw folder as --data (evaluate prepares "
                 "it with the model's settings) or a cache prepared with them"
             )
-        yield EvalData(data, "cache", {k: cached.get(k) for k in settings}, {})
+        used = {k: cached.get(k, ABSENT_MEANS.get(k)) for k in settings}
+        yield EvalData(data, "cache", used, {})
         return
     with prepared_raw(
         data,
@@ -283,12 +298,19 @@ def score_scans(
     dataset: CacheDataset,
     batch_size: int,
     device: torch.device,
+    temperature: float,
     *,
     progress: bool = False,
 ) -> EvalResult:
-    """The class probabilities of every scan of ``dataset``: what evaluate reports and
-    diagnose shows, computed here once for both."""
-    return evaluate(scorer, make_loader(dataset, batch_size), device, progress=progress)
+    """The class probabilities of every scan of ``dataset`` at the card's calibration
+    ``temperature``: what evaluate reports and diagnose shows, computed here once for both."""
+    return evaluate(
+        scorer,
+        make_loader(dataset, batch_size),
+        device,
+        progress=progress,
+        temperature=temperature,
+    )
 
 
 def _no_scans(args: argparse.Namespace, data: EvalData) -> str:
@@ -347,7 +369,14 @@ def _operating_point(
             f"{args.tune_data}: {len(shared)} scans of the tuning data are also being reported; "
             "choose the operating point on other data (e.g. --splits test with the same cache)"
         )
-    tuned = evaluate(scorer, make_loader(dataset, args.batch_size), device, progress=True)
+    # The threshold is chosen on the probabilities it is applied to: calibrated ones.
+    tuned = evaluate(
+        scorer,
+        make_loader(dataset, args.batch_size),
+        device,
+        progress=True,
+        temperature=loaded.temperature,
+    )
     op = choose_operating_point(
         tuned.labels,
         tuned.probs,
@@ -369,16 +398,42 @@ def _data_counts(data: EvalData, dataset: CacheDataset, splits: list[str] | None
     }
 
 
-def _curves(result: EvalResult, boot_ids: list[str], n_boot: int, seed: int) -> dict[str, Any]:
-    """The ROC curve with its bootstrap band (absent without both classes) and calibration;
-    ``boot_ids`` name each scan's patient for the bootstrap."""
+def _calibration(result: EvalResult, loaded: LoadedModel) -> dict[str, Any]:
+    """ECE and Brier score of the reported (calibrated) probabilities, the temperature and
+    where it came from, and the same scores before the temperature when there is one."""
+    scores: dict[str, Any] = {
+        **calibration_scores(result.labels, result.probs),
+        "ece_noise_floor": ece_noise_floor(result.probs),
+        "temperature": loaded.temperature,
+        "temperature_source": (
+            f"model card {loaded.card_path.name}, chosen on {loaded.calibration.chosen_on}"
+            if loaded.calibration is not None
+            else "none: the model card stores no calibration"
+        ),
+    }
+    if loaded.temperature != 1.0:
+        raw = apply_temperature(result.probs, 1.0 / loaded.temperature)
+        scores["before"] = calibration_scores(result.labels, raw)
+    return scores
+
+
+def _curves(
+    result: EvalResult, boot_ids: list[str], n_boot: int, seed: int, temperature: float
+) -> dict[str, Any]:
+    """The ROC curve with its bootstrap band (absent without both classes) and the
+    reliability bins, also before the ``temperature`` when it is not 1; ``boot_ids`` name
+    each scan's patient for the bootstrap."""
     positive = result.labels == COVID_INDEX
     roc = None
     if positive.any() and not positive.all():
         fpr, tpr, thresholds = roc_curve_points(result.labels, result.probs)
         band = roc_band(result.labels, result.probs, boot_ids, n_boot=n_boot, seed=seed)
         roc = {"fpr": fpr, "tpr": tpr, "thresholds": thresholds, "band": band}
-    return {"roc": roc, "calibration": calibration_bins(result.labels, result.probs)}
+    curves = {"roc": roc, "calibration": calibration_bins(result.labels, result.probs)}
+    if temperature != 1.0:
+        raw = apply_temperature(result.probs, 1.0 / temperature)
+        curves["calibration_before"] = calibration_bins(result.labels, raw)
+    return curves
 
 
 def _write_predictions(
@@ -406,15 +461,16 @@ def _write_predictions(
 
 
 def _cam_figures(
-    model: SliceClassifier,
+    loaded: LoadedModel,
     cache_dir: Path,
     result: EvalResult,
     op: OperatingPoint,
     count: int,
     notes: list[str],
 ) -> dict[str, list[str]]:
-    """COVID-19 CAM overlays of the ``count`` most confidently correct and wrong scans (by the
-    decision at the operating point), each on the slice with the most evidence."""
+    """COVID-19 evidence maps of the ``count`` most confidently correct and wrong scans (by
+    the decision at the operating point), each on the slice with the most evidence: the plain
+    slice, and the slice with its evidence on the fixed scale and its lungs outlined."""
     score = result.probs[:, COVID_INDEX]
     called = op.predict_covid(result.probs)
     correct = called == (result.labels == COVID_INDEX)
@@ -429,18 +485,33 @@ def _cam_figures(
             scan_id = result.scan_ids[i]
             pixels = np.load(scan_path(cache_dir, scan_id))
             try:
-                cam = class_activation_maps(model, to_model_input(pixels), COVID_INDEX)
+                maps = class_activation_maps(
+                    loaded.model,
+                    to_model_input(pixels),
+                    COVID_INDEX,
+                    temperature=loaded.temperature,
+                )
             except ValueError as exc:  # a backbone without spatial feature maps
-                notes.append(f"no CAM overlays: {exc}")
+                notes.append(f"no evidence maps: {exc}")
                 return {"correct": [], "wrong": []}
-            best = int(cam.reshape(len(cam), -1).mean(axis=1).argmax())
+            best = evidence_slice(maps)
+            lungs = read_lung_mask(cache_dir, scan_id, pixels.shape)
+            where = (
+                "no lung mask in this cache"
+                if lungs is None
+                else f"{inside_share(maps, lungs):.0%} of the scan's evidence inside the lungs"
+            )
             caption = (
                 f"{scan_id}: {GLOBAL_CLASSES[result.labels[i]]}, p(COVID-19) {score[i]:.3f}, "
                 f"called {'COVID-19' if called[i] else 'not COVID-19'}; "
-                f"slice {best + 1} of {len(cam)} (selected slices), plain and with the CAM"
+                f"slice {best + 1} of {len(maps)} (selected slices), plain and with its "
+                f"evidence (peak {maps[best].max():.3g}); {where}"
             )
+            border = None if lungs is None else outline(lungs[best])
             plain = html_page.png_img(pixels[best], f"slice of scan {scan_id}")
-            image = html_page.png_img(overlay(pixels[best], cam[best]), f"CAM of scan {scan_id}")
+            image = html_page.png_img(
+                overlay(pixels[best], maps[best], outline=border), f"CAM of scan {scan_id}"
+            )
             figures[kind].append(html_page.figure(plain + image, caption))
     return figures
 

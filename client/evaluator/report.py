@@ -1,7 +1,9 @@
 """The self-contained ``report.html`` of ``fedct evaluate``: what was scored and by what, the
 ROC with its CI band and the operating point, metrics under readable names with their CIs,
 sensitivity by MosMedData severity, per class, both confusion matrices and why they differ,
-calibration (ECE, Brier score, bins), and CAMs beside their plain slices with a colour bar."""
+calibration (the temperature applied, ECE, Brier score, reliability diagrams before and after
+the temperature, bins), and evidence maps beside their plain slices, the lungs outlined, on
+one scale with its colour bar."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from fedct.common import html_page
 from fedct.common.classes import GLOBAL_CLASSES
-from fedct.common.model.cam import colour_bar
+from fedct.common.model.cam import EVIDENCE_SCALE, colour_bar
 
 UNTUNED = "fixed 0.5, not tuned"
 # What each metric key of common/metrics/classification.py means, as a reader of the report says it.
@@ -71,11 +73,14 @@ def render_report(report: dict[str, Any], cams: dict[str, list[str]]) -> str:
         html_page.section("Confusion matrices", *_confusion(report)),
         html_page.section("Calibration of p(COVID-19)", *_calibration(report)),
         html_page.section(
-            "Class activation maps (COVID-19)",
+            "Evidence for COVID-19",
             html_page.paragraph(
                 "Each scan's slice with the most evidence, plain (as the model sees it) and "
-                "with its CAM: where the evidence for COVID-19 lies, scaled to the scan's "
-                "strongest evidence."
+                "with its evidence map: where the model finds evidence for COVID-19 against "
+                "the other classes (gradient × activation at the backbone's stride-16 stage, "
+                "docs/model.md), in the calibrated logit's units per pixel on one fixed scale "
+                "for every scan, so weak evidence looks weak; the slice stays plain where "
+                "there is little. Cyan line: the lungs' outline (the cache's lung mask)."
             ),
             *_colour_scale(cams),
             html_page.paragraph(
@@ -93,10 +98,16 @@ def _colour_scale(cams: dict[str, list[str]]) -> list[str]:
     """The CAM colour bar, when the page shows a CAM."""
     if not (cams["correct"] or cams["wrong"]):
         return []
-    bar = html_page.png_img(colour_bar(), "CAM colour scale", style="width:256px;height:14px")
+    picture = colour_bar()
+    bar = html_page.png_img(
+        picture, "evidence colour scale", max_side=512, style=f"width:{picture.shape[1]}px"
+    )
     return [
         html_page.figure(
-            bar, "colour scale: 0 (no evidence for COVID-19) → 1 (the scan's strongest)"
+            bar,
+            f"colour scale: evidence for COVID-19 per pixel, 0 to {EVIDENCE_SCALE:g} and above "
+            f"(a region of 1 % of the scan's pixels at {EVIDENCE_SCALE:g} adds "
+            f"{EVIDENCE_SCALE / 100:g} to the log-odds of COVID-19 against the other classes)",
         )
     ]
 
@@ -254,16 +265,34 @@ def _confusion(report: dict[str, Any]) -> list[str]:
 
 
 def _calibration(report: dict[str, Any]) -> list[str]:
-    bins = report["curves"]["calibration"]
+    curves = report["curves"]
     scores = report.get("calibration") or {}
-    chart = html_page.reliability_chart(
-        bins["mean_predicted"],
-        bins["fraction_covid"],
-        bins["count"],
-        title="Reliability of p(COVID-19), 10 equal-width bins",
-        x_label="mean predicted p(COVID-19)",
-        y_label="fraction COVID-19",
+    temperature = scores.get("temperature", 1.0)
+    before = curves.get("calibration_before")
+    charts = [_reliability(curves["calibration"], "with" if before else None, temperature)]
+    if before:
+        charts.insert(0, _reliability(before, "without", 1.0))
+    facts = [
+        ["temperature applied", f"{temperature:.3g} ({scores.get('temperature_source')})"],
+        ["expected calibration error (ECE)", _rounded(scores.get("ece"))],
+        ["ECE of perfect calibration on these scans", _floor_text(scores.get("ece_noise_floor"))],
+        ["Brier score (COVID-19 vs rest)", _rounded(scores.get("brier"))],
+    ]
+    if scores.get("before"):
+        facts += [
+            ["ECE without the temperature", _rounded(scores["before"].get("ece"))],
+            ["Brier score without it", _rounded(scores["before"].get("brier"))],
+        ]
+    note = html_page.paragraph(
+        "Every probability of this report is calibrated: the model's logits divided by the "
+        "temperature of its card before the softmax (docs/evaluation.md), and the threshold "
+        "applies to these probabilities. ECE: the gap between the fraction of COVID-19 scans "
+        "and the mean predicted p(COVID-19) in each bin, weighted by the bin's scans (0 is "
+        "perfect). Brier score: the mean squared difference between p(COVID-19) and the "
+        "truth (0 is perfect; 0.25 is what p = 0.5 for every scan gives). With few scans per "
+        "bin both are rough."
     )
+    bins = curves["calibration"]
     edges = bins["edges"]
     rows = [
         [
@@ -274,24 +303,38 @@ def _calibration(report: dict[str, Any]) -> list[str]:
         ]
         for i in range(len(bins["count"]))
     ]
-    summary = html_page.facts(
-        [
-            ["expected calibration error (ECE)", _rounded(scores.get("ece"))],
-            ["Brier score (COVID-19 vs rest)", _rounded(scores.get("brier"))],
-        ]
-    )
-    note = html_page.paragraph(
-        "ECE: the gap between the fraction of COVID-19 scans and the mean predicted "
-        "p(COVID-19) in each bin, weighted by the bin's scans (0 is perfect). Brier score: the "
-        "mean squared difference between p(COVID-19) and the truth (0 is perfect; 0.25 is "
-        "what p = 0.5 for every scan gives). With few scans per bin both are rough."
-    )
     return [
-        chart,
-        summary,
+        '<div class="charts">' + "".join(charts) + "</div>",
+        html_page.facts(facts),
         note,
         html_page.table(["p(COVID-19) bin", "scans", "mean predicted", "fraction COVID-19"], rows),
     ]
+
+
+def _reliability(bins: dict[str, Any], temperature_is: str | None, temperature: float) -> str:
+    title = "Reliability of p(COVID-19), 10 equal-width bins"
+    if temperature_is == "with":
+        title += f", temperature {temperature:.3g}"
+    elif temperature_is == "without":
+        title += ", without the temperature"
+    return html_page.reliability_chart(
+        bins["mean_predicted"],
+        bins["fraction_covid"],
+        bins["count"],
+        title=title,
+        x_label="mean predicted p(COVID-19)",
+        y_label="fraction COVID-19",
+    )
+
+
+def _floor_text(floor: dict[str, Any] | None) -> str | None:
+    """The ECE that perfectly calibrated probabilities show on the reported scans."""
+    if not floor or floor.get("median") is None:
+        return None
+    return (
+        f"{floor['median']:.3f} (90 % of draws {floor['p5']:.3f}–{floor['p95']:.3f}): labels "
+        "drawn from the probabilities themselves; an ECE near it is all these scans can show"
+    )
 
 
 def _rounded(value: Any) -> float | None:

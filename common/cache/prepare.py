@@ -33,9 +33,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 from fedct.common.cache.config import PrepareConfig, differing_settings
 from fedct.common.cache.lock import cache_writer
-from fedct.common.cache.normalize import Normalization, parse_normalization, to_cache_pixels
+from fedct.common.cache.lung_mask import (
+    cache_slices,
+    has_lung_mask,
+    mask_flags,
+    mask_path,
+    with_mask_flags,
+    write_lung_mask,
+)
+from fedct.common.cache.normalize import Normalization, parse_normalization
 from fedct.common.cache.pseudonym import load_or_create_salt, pseudonym
-from fedct.common.cache.qa import QACollector, plural, print_summary, scan_hu_counts
+from fedct.common.cache.qa import QACollector, lung_share, plural, print_summary, scan_hu_counts
 from fedct.common.cache.scan_index import ScanIndex, ScanRecord
 from fedct.common.cache.selection import middle_slices
 from fedct.common.cache.splits import parse_fractions, split_of, split_record
@@ -93,7 +101,14 @@ def _convert(index: int) -> tuple[dict[str, Any], ScanRecord | Rejection]:
     start, stop = row["selected_start"], row["selected_start"] + row["n_slices_selected"]
     try:
         hu, repaired = read_checked(scan, start, stop)
-        pixels = to_cache_pixels(hu, _JOB["norm"], scan.intensity, _JOB["size"])
+        pixels, mask, lungs = cache_slices(
+            hu,
+            _JOB["norm"],
+            scan.intensity,
+            _JOB["size"],
+            pixel_mm=scan.spacing_mm[2],
+            focus=_JOB["focus"],
+        )
     except ScanLoadError as exc:  # the whole scan is rejected: all its files
         failed = exc.rejection
         return row, Rejection(failed.path, failed.reason, failed.detail, scan.files)
@@ -101,8 +116,11 @@ def _convert(index: int) -> tuple[dict[str, Any], ScanRecord | Rejection]:
         return row, Rejection(scan.source, "reader-error", brief(exc), scan.files)
     if repaired:
         row = {**row, "warnings": ";".join(w for w in (row["warnings"], *repaired) if w)}
+    write_lung_mask(_JOB["cache"], row["scan_id"], mask)
     blob = write_scan(_JOB["cache"], row["scan_id"], pixels)
-    return {**row, **scan_hu_counts(scan, hu)}, ScanRecord.of_blob(row["scan_id"], blob)
+    warnings = with_mask_flags(row["warnings"], lungs.warnings)
+    row = {**row, **scan_hu_counts(scan, hu), **lung_share(lungs), "warnings": warnings}
+    return row, ScanRecord.of_blob(row["scan_id"], blob)
 
 
 def _row_for(
@@ -203,9 +221,17 @@ def _prepare(
         split_keys[row["patient_id"]] = item.patient_key
         collected.add_scan(item, row)
         problem = index.problem(row["scan_id"])
+        if problem is None and not has_lung_mask(cache_dir, row["scan_id"]):
+            problem = "missing"  # prepared before lung masks were: prepared again
         if problem is None:
             index.adopt(row["scan_id"])
-            rows[row["scan_id"]] = {**existing.get(row["scan_id"], {}), **row}
+            earlier = existing.get(row["scan_id"], {})
+            flags = mask_flags(earlier.get("warnings", ""))
+            rows[row["scan_id"]] = {
+                **earlier,
+                **row,
+                "warnings": with_mask_flags(row["warnings"], flags),
+            }
             reused += 1
         else:
             damaged += problem != "missing"
@@ -218,7 +244,7 @@ def _prepare(
         )
 
     _PENDING[:] = pending
-    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size)
+    _JOB.update(norm=norm, cache=cache_dir, size=cfg.size, focus=cfg.lung_focus)
     done = 0
     try:
         for row, outcome in _run_conversions(len(pending), cfg.workers, progress):
@@ -308,6 +334,7 @@ def _remove_rejected(
     for scan_id, reason in rejected_ids.items():
         if scan_id in existing and rows.pop(scan_id, None) is not None:
             scan_path(cache_dir, scan_id).unlink(missing_ok=True)
+            mask_path(cache_dir, scan_id).unlink(missing_ok=True)
             removed[reason] = removed.get(reason, 0) + 1
     if removed:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(removed.items()))
@@ -390,6 +417,8 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         splits=parse_fractions(args.splits),
         seed=args.seed,
         format=args.format,
+        lung_crop=args.lung_crop,
+        lung_only=args.lung_only,
         workers=args.workers,
     )
 

@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedct.common import html_page
+from fedct.common.cache.lung_mask import WARNINGS as LUNG_WARNINGS
+from fedct.common.cache.lung_mask import LungMask
 from fedct.common.cache.normalize import Normalization
 from fedct.common.cache.pseudonym import pseudonym
 from fedct.common.cache.qa_figures import (
@@ -41,6 +43,8 @@ SPACING_Z_EDGES = [0, 1, 2, 3, 5, 8, 10]
 PIXEL_SPACING_EDGES = [0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2]
 UNKNOWN = "unknown"
 HU_KEY = "_hu_counts"  # a converted row's HU histogram, taken out before the manifest
+LUNG_KEY = "_lung_share"  # a converted row's lungs' share of the body, taken out likewise
+LUNG_SHARE_EDGES = [0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
 
 
 def input_id(salt: bytes, kind: str, *values: str) -> str:
@@ -119,9 +123,11 @@ def build_qa(
     files_in_scans: int = 0,
     hu: dict[str, list[int]] | None = None,
     samples: Sequence[Sample] = (),
+    lung_shares: Sequence[float] = (),
 ) -> dict[str, Any]:
     """The QA report as a JSON-ready dict.  ``files_in_scans``: input files that went into
-    the scans read this time; ``hu``: voxel counts per class in the bins of HU_EDGES."""
+    the scans read this time; ``hu``: voxel counts per class in the bins of HU_EDGES;
+    ``lung_shares``: the lungs' share of the body of each scan converted this time."""
     counts = {cls: {split: 0 for split in SPLITS} for cls in CLASSES}
     for row in rows:
         counts[row["global_class"] or "unlabelled"][row["split"]] += 1
@@ -155,6 +161,11 @@ def build_qa(
             _bins(PIXEL_SPACING_EDGES),
         ),
         "hu_histogram": {"edges": list(HU_EDGES), "per_class": hu or {}},
+        "lung_masks": {
+            "flagged": {flag: warnings.get(flag, 0) for flag in LUNG_WARNINGS},
+            "share_histogram": _histogram(list(lung_shares), LUNG_SHARE_EDGES),
+            "measured": len(lung_shares),
+        },
         "samples": [sample.to_json() for sample in samples],
         "warnings": dict(warnings),
         "rejected_by_reason": dict(Counter(r.reason for r in rejections)),
@@ -218,15 +229,45 @@ def _rejections(qa: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _lung_masks(qa: dict[str, Any]) -> list[str]:
+    """How many scans' lung masks failed a check, and the lungs' share of the body."""
+    masks = qa.get("lung_masks") or {}
+    flagged = masks.get("flagged") or {}
+    rows = [[flag, LUNG_WARNINGS[flag], flagged.get(flag, 0)] for flag in LUNG_WARNINGS]
+    parts = [
+        html_page.paragraph(
+            "Each scan's lungs are found from Hounsfield units (common/cache/lung_mask.py) and "
+            "checked: their share of the body, and lungs on both sides of it. A scan whose mask "
+            "fails a check is kept and flagged (its manifest warnings); with lung-crop its "
+            "slices are not cropped. The mask can miss a whole lobe of dense consolidation "
+            "(a white-out): look at the flagged scans."
+        ),
+        html_page.table(["flag", "meaning", "scans"], rows),
+    ]
+    if masks.get("measured"):
+        parts.append(
+            html_page.heading(
+                f"Lungs' share of the body ({masks['measured']} scans prepared in this run)"
+            )
+        )
+        parts.append(bars_svg(masks["share_histogram"]))
+    return parts
+
+
 def _settings_rows(qa: dict[str, Any]) -> list[list[Any]]:
     names = {
         "size": "slice size (pixels)",
         "fraction": "fraction of slices selected (middle)",
         "normalize": "normalisation",
+        "lung_crop": "slices cropped to the lungs",
+        "lung_only": "only the lungs shown (air elsewhere)",
         "min_slices": "minimum slices per scan",
         "seed": "split seed",
     }
-    return [[names.get(k, k), v] for k, v in qa["settings"].items()]
+    return [
+        [names.get(k, k), ("yes" if v else "no") if isinstance(v, bool) else v]
+        for k, v in qa["settings"].items()
+    ]
 
 
 def render_html(qa: dict[str, Any], samples: Sequence[Sample] = ()) -> str:
@@ -259,11 +300,13 @@ def render_html(qa: dict[str, Any], samples: Sequence[Sample] = ()) -> str:
                 "Slices of one scan per class",
                 html_page.paragraph(
                     "Slices through the whole series, as the cache stores them: the first and "
-                    "last slice, the first and last selected, and the middle one. Green: in "
-                    "the selection (the middle slices); grey: not used."
+                    "last slice, the first and last selected, and the middle one. Green frame: "
+                    "in the selection (the middle slices); grey: not used. Cyan line: the "
+                    "lung mask's outline (for the selected slices, the mask stored in the cache)."
                 ),
                 *sample_figures(samples),
             ),
+            html_page.section("Lung masks", *_lung_masks(qa)),
             html_page.section(
                 "Hounsfield units per class",
                 hu_chart(hu)
@@ -302,6 +345,7 @@ class QACollector:
         self.ignored: list[Ignored] = []
         self.files: dict[str, int] = {}  # scan id -> input files
         self.hu: dict[str, list[int]] = {}
+        self.lung_shares: list[float] = []
         self.samples = SampleScans()
 
     def add_scan(self, scan: Scan, row: dict[str, Any]) -> None:
@@ -310,6 +354,9 @@ class QACollector:
 
     def add_converted(self, row: dict[str, Any]) -> dict[str, Any]:
         """``row`` without its HU counts, which are added to its class's."""
+        share = row.pop(LUNG_KEY, None)
+        if share is not None:
+            self.lung_shares.append(share)
         counts = row.pop(HU_KEY, None)
         if counts is not None:
             cls = row["global_class"] or "unlabelled"
@@ -329,7 +376,7 @@ class QACollector:
     ) -> dict[str, Any]:
         """Build and write qa.json and qa.html; returns the report."""
         kept = {row["scan_id"] for row in rows}
-        rendered = self.samples.render(norm, cfg.size, kept)
+        rendered = self.samples.render(norm, cfg.size, kept, focus=cfg.lung_focus)
         samples = sorted(rendered, key=lambda sample: CLASSES.index(sample.global_class))
         qa = build_qa(
             rows,
@@ -341,9 +388,15 @@ class QACollector:
             files_in_scans=sum(n for scan_id, n in self.files.items() if scan_id in kept),
             hu={c: self.hu[c] for c in CLASSES if c in self.hu},
             samples=samples,
+            lung_shares=self.lung_shares,
         )
         write_qa(cache_dir, qa, samples)
         return qa
+
+
+def lung_share(lungs: LungMask) -> dict[str, float]:
+    """``{LUNG_KEY: share}``: a converted scan's lungs' share of the body, for qa.json."""
+    return {LUNG_KEY: lungs.share}
 
 
 def scan_hu_counts(scan: Scan, hu: Any) -> dict[str, list[int]]:

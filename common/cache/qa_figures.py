@@ -17,6 +17,14 @@ from html import escape
 import numpy as np
 
 from fedct.common import html_page
+from fedct.common.cache.config import LungFocus
+from fedct.common.cache.lung_mask import (
+    crop,
+    model_view,
+    outlined,
+    resize_mask,
+    segment_lungs,
+)
 from fedct.common.cache.normalize import Normalization, to_cache_pixels
 from fedct.common.ingest.base import Scan, ScanLoadError
 
@@ -75,7 +83,7 @@ def hu_chart(per_class: dict[str, list[int]]) -> str:
 class SampleSlice:
     index: int  # 0-based position in the series
     selected: bool
-    pixels: np.ndarray  # uint8 (size, size), as cached
+    pixels: np.ndarray  # uint8 (size, size, 3): as cached, the lung outline drawn
 
 
 @dataclass
@@ -116,9 +124,13 @@ class SampleScans:
         if len(offered) < self.per_class:
             offered.append((scan, row))
 
-    def render(self, norm: Normalization, size: int, kept: set[str]) -> list[Sample]:
+    def render(
+        self, norm: Normalization, size: int, kept: set[str], focus: LungFocus
+    ) -> list[Sample]:
         """A :class:`Sample` per class (classes in the order first seen) of the scans whose
-        id is in ``kept``; a scan whose slices fail to load now is left out."""
+        id is in ``kept``, each shown slice with its lung mask's outline (the selected slices'
+        mask as the cache stores it, the others' found on the slice alone), as the cache shows
+        slices to the model (``focus``); a scan whose slices fail to load now is left out."""
         samples = []
         for name, offered in self._offered.items():
             candidates = [(scan, row) for scan, row in offered if row["scan_id"] in kept]
@@ -128,11 +140,24 @@ class SampleScans:
             start = int(row["selected_start"])  # type: ignore[arg-type]
             stop = start + int(row["n_slices_selected"])  # type: ignore[arg-type]
             sample = Sample(name, str(row["scan_id"]), scan.n_slices, start, stop)
+            pixel_mm = scan.spacing_mm[2]
             try:
+                selected = segment_lungs(scan.load(start, stop), scan.intensity, pixel_mm)
+                passed = not selected.warnings
+                box = selected.crop_box() if focus.crop and passed else None
+                only = focus.only and passed
                 for index in shown_indices(scan.n_slices, start, stop):
                     hu = scan.load(index, index + 1)
-                    pixels = to_cache_pixels(hu, norm, scan.intensity, size)
-                    sample.slices.append(SampleSlice(index, start <= index < stop, pixels[0]))
+                    if start <= index < stop:
+                        mask = selected.mask[index - start : index - start + 1]
+                    else:
+                        mask = segment_lungs(hu, scan.intensity, pixel_mm).mask
+                    shown = model_view(hu, mask, box, scan.intensity, pixel_mm, only)
+                    pixels = to_cache_pixels(shown, norm, scan.intensity, size)
+                    lungs = resize_mask(crop(mask, box, False), size)[0]
+                    sample.slices.append(
+                        SampleSlice(index, start <= index < stop, outlined(pixels[0], lungs))
+                    )
             except ScanLoadError:
                 continue
             samples.append(sample)

@@ -2,10 +2,11 @@
 
 Layout of a cache directory::
 
-    cache.json          settings it was prepared with (size, fraction, normalisation), and
-                        the manifest's row count and sha256
+    cache.json          settings it was prepared with (size, fraction, normalisation,
+                        lung crop), and the manifest's row count and sha256
     manifest.csv        one row per scan (pseudonymous ids, label, split, geometry)
     scans/<scan_id>.npy uint8 (selected slices, size, size), memory-mappable
+    masks/<scan_id>.npy the scan's lung mask, bit-packed (common/cache/lung_mask.py)
     scan_index.jsonl    size and sha256 of every scan file as written (common/cache/scan_index.py)
     qa.json, qa.html    the quality report
     .salt               the site's pseudonym salt (never leaves the site)
@@ -130,8 +131,9 @@ def read_settings(cache_dir: Path) -> dict[str, Any] | None:
 
 
 def check_run_settings(cache_dir: Path, run_config: Mapping[str, Any]) -> None:
-    """Refuse a cache prepared otherwise than the run's ``image-size``, ``slice-fraction`` and
-    ``normalize`` say: a model must see the same pixels at every site and at evaluation."""
+    """Refuse a cache prepared otherwise than the run's ``image-size``, ``slice-fraction``,
+    ``normalize`` and ``lung-crop`` say: a model must see the same pixels at every site and at
+    evaluation."""
     settings = read_settings(cache_dir)
     if settings is None:
         raise CacheError(f"{cache_dir}: no cache.json; run `fedct prepare` for this data")

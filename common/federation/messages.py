@@ -58,7 +58,7 @@ from fedct.common.federation.transport import LAYOUT_KEY, TRANSPORT_DTYPES
 from fedct.common.metrics.classification import SUMMARY_KEYS
 from fedct.common.model.classifier import ModelConfig
 from fedct.common.training.accounting import ACCOUNTANTS
-from fedct.common.training.loop import TrainConfig
+from fedct.common.training.loop import AT_HALF, RATES, TrainConfig
 from fedct.common.training.privacy import DPSettings
 
 ARRAYS_RECORD = "arrays"
@@ -77,7 +77,13 @@ WEIGHT_KEY = "num-examples"
 TRAIN_METRICS = (WEIGHT_KEY, "train-loss", "train-accuracy", "train-seconds")
 DP_METRICS = ("dp-epsilon", "dp-delta")
 INTERVAL_KEYS = ("auc_covid_low", "auc_covid_high")
-SPLIT_METRICS = (*SUMMARY_KEYS, "loss", *INTERVAL_KEYS)
+# A site scores its splits before the federated operating point is chosen, so its rates are at
+# 0.5 and named so (score_split's ``sens_covid_at_0.5``, ``spec_covid_at_0.5``).
+SPLIT_METRICS = (
+    *(f"{key}{AT_HALF}" if key in RATES else key for key in SUMMARY_KEYS),
+    "loss",
+    *INTERVAL_KEYS,
+)
 MAX_ROUNDS = 100_000
 MAX_BINS = 100_000
 _RUN_KEY = re.compile(r"[A-Za-z0-9._-]{1,128}")

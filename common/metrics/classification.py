@@ -167,46 +167,6 @@ def roc_curve_points(
     return fpr, tpr, thresholds
 
 
-def calibration_bins(
-    labels: np.ndarray, probs: np.ndarray, n_bins: int = 10
-) -> dict[str, np.ndarray]:
-    """Reliability-plot bins of the COVID-19 probability: equal-width bins on [0, 1].
-
-    Bin i holds scores in (edges[i], edges[i + 1]] (the first also holds 0), as in
-    scikit-learn's ``calibration_curve``.  Returns ``edges`` (n_bins + 1), and per bin
-    ``count``, ``mean_predicted`` and ``fraction_covid`` (NaN for empty bins).
-    """
-    labels, probs = check_inputs(labels, probs)
-    scores = probs[:, COVID_INDEX]
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bin_of = np.searchsorted(edges[1:-1], scores)
-    count = np.bincount(bin_of, minlength=n_bins)
-    return {
-        "edges": edges,
-        "count": count,
-        "mean_predicted": ratio(np.bincount(bin_of, weights=scores, minlength=n_bins), count),
-        "fraction_covid": ratio(
-            np.bincount(bin_of, weights=labels == COVID_INDEX, minlength=n_bins), count
-        ),
-    }
-
-
-def calibration_scores(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict[str, float]:
-    """``ece``: the expected calibration error of p(COVID-19) over the bins of
-    :func:`calibration_bins` (|fraction COVID-19 − mean predicted| weighted by each bin's
-    share of scans); ``brier``: the mean squared error of p(COVID-19) against COVID-19 vs
-    rest.  NaN for no scans."""
-    labels, probs = check_inputs(labels, probs)
-    if labels.size == 0:
-        return {"ece": float("nan"), "brier": float("nan")}
-    bins = calibration_bins(labels, probs, n_bins)
-    filled = bins["count"] > 0
-    gaps = np.abs(bins["fraction_covid"][filled] - bins["mean_predicted"][filled])
-    ece = float(np.sum(gaps * bins["count"][filled]) / labels.size)
-    brier = float(np.mean((probs[:, COVID_INDEX] - (labels == COVID_INDEX)) ** 2))
-    return {"ece": ece, "brier": brier}
-
-
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
     """The Wilson score 95 % interval of a proportion (NaN for no trials): unlike a
     bootstrap, it has width even at 0 of n or n of n."""

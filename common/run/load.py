@@ -3,8 +3,10 @@
 The coordinator (common/run/directory.py) writes ``round_NNN.safetensors`` with every entry of
 the model's state dict and ``round_NNN.card.json`` beside it, whose ``model_config`` rebuilds
 the model, ``checkpoint`` names the weights file, ``sha256`` is that file's digest and
-``run_config`` holds the run's settings.  Weights whose digest differs from the card are
-refused: the card would then describe another model.  Evaluators and the coordinator share
+``run_config`` holds the run's settings and ``calibration`` (when the run fitted one) the
+temperature every consumer of the model's probabilities applies (``LoadedModel.temperature``,
+common/metrics/calibration.py).  Weights whose digest differs from the card are refused: the
+card would then describe another model.  Evaluators and the coordinator share
 this module, so both read cards the same way.
 """
 
@@ -19,7 +21,8 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from fedct.common.cache.config import RUN_CONFIG_KEYS, PrepareConfig
+from fedct.common.cache.config import ABSENT_MEANS, RUN_CONFIG_KEYS, PrepareConfig
+from fedct.common.metrics.calibration import Calibration
 from fedct.common.metrics.operating_point import OperatingPoint
 from fedct.common.model.classifier import ModelConfig, SliceClassifier, build_model
 from fedct.common.run.directory import (
@@ -41,9 +44,16 @@ class LoadedModel:
     weights_path: Path
     sha256: str
 
+    calibration: Calibration | None = None
+
     @property
     def round(self) -> int | None:
         return self.card.get("round")
+
+    @property
+    def temperature(self) -> float:
+        """The card's calibration temperature; 1.0 (the logits as they are) without one."""
+        return self.calibration.temperature if self.calibration is not None else 1.0
 
 
 def card_path_for(path: Path) -> Path:
@@ -98,8 +108,9 @@ def model_config_from_card(card: dict[str, Any], source: Path) -> ModelConfig:
 def prepare_settings_from_card(
     card: dict[str, Any], source: Path
 ) -> tuple[dict[str, Any], list[str]]:
-    """The cache settings (size, fraction, normalize) of the card's run config, and the names
-    of those the card lacks, which are filled in from PrepareConfig's defaults."""
+    """The cache settings (size, fraction, normalize, lung_crop) of the card's run config, and
+    the names of those the card lacks, which are filled in from PrepareConfig's defaults (a
+    setting added to fedct after the card was written is what it was then, ABSENT_MEANS)."""
     run_config = card.get("run_config")
     run_config = run_config if isinstance(run_config, dict) else {}
     settings = PrepareConfig().cache_settings()
@@ -107,8 +118,15 @@ def prepare_settings_from_card(
     for name, default in settings.items():
         key = RUN_CONFIG_KEYS[name]
         if key not in run_config:
-            missing.append(name)
+            if name in ABSENT_MEANS:
+                settings[name] = ABSENT_MEANS[name]
+            else:
+                missing.append(name)
             continue
+        if isinstance(default, bool) and not isinstance(run_config[key], bool):
+            raise CheckpointLoadError(
+                f"{source}: run_config {key}={run_config[key]!r} is invalid (true or false)"
+            )
         try:
             settings[name] = type(default)(run_config[key])
         except (TypeError, ValueError) as exc:
@@ -129,6 +147,17 @@ def operating_point_from_card(card: dict[str, Any], source: Path) -> OperatingPo
         return OperatingPoint.from_dict(stored)
     except (TypeError, ValueError) as exc:
         raise CheckpointLoadError(f"{source}: invalid operating_point ({exc})") from exc
+
+
+def calibration_from_card(card: dict[str, Any], source: Path) -> Calibration | None:
+    """The card's ``calibration`` (temperature, grid, chosen_on), or None when it has none."""
+    stored = card.get("calibration")
+    if stored is None:
+        return None
+    try:
+        return Calibration.from_dict(stored)
+    except ValueError as exc:
+        raise CheckpointLoadError(f"{source}: invalid calibration ({exc})") from exc
 
 
 def load_checkpoint(path: Path, *, slice_chunk: int | None = None) -> LoadedModel:
@@ -175,4 +204,5 @@ def load_checkpoint(path: Path, *, slice_chunk: int | None = None) -> LoadedMode
             f"{weights_path}: weights do not fit the card's model ({exc})"
         ) from exc
     model.eval()
-    return LoadedModel(model, config, card, card_path, weights_path, digest)
+    calibration = calibration_from_card(card, card_path)
+    return LoadedModel(model, config, card, card_path, weights_path, digest, calibration)

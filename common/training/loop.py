@@ -32,6 +32,8 @@ from fedct.common.model.classifier import SliceClassifier
 from fedct.common.training.device import AMP_MODES, amp_dtype, autocast_context, pick_device
 
 _LOG = logging.getLogger(__name__)
+RATES = ("sens_covid", "spec_covid")  # the summary's rates at a threshold
+AT_HALF = "_at_0.5"  # their names' suffix when no operating point is known: at 0.5
 _T = TypeVar("_T")
 
 # The run-config keys of a site's optimisation, as train messages carry them.  ``proximal-mu``
@@ -261,9 +263,13 @@ def evaluate(
     *,
     progress: bool = False,
     amp: str = "auto",
+    temperature: float = 1.0,
 ) -> EvalResult:
     """Predict every scan of ``loader`` without gradients (mixed precision as ``amp`` asks,
-    by default on CUDA only)."""
+    by default on CUDA only).  The logits are divided by ``temperature`` before the softmax
+    and the loss: a model card's calibration (common/metrics/calibration.py), 1.0 without."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     start = time.perf_counter()
     target = pick_device(device)
     model.to(target)
@@ -278,7 +284,7 @@ def evaluate(
             x, mask, y = _on_device(batch, target)
             with autocast_context(target, amp):
                 logits = model(x, mask)
-            logits = logits.double()
+            logits = logits.double() / temperature
             loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=UNLABELLED).item()
             probs.append(logits.softmax(dim=1).cpu().numpy())
             labels.append(y.cpu().numpy())
@@ -315,18 +321,32 @@ def score_split(
     interval: tuple[str, str] | None = None,
     boot_keys: Mapping[str, str] | None = None,
     n_boot: int = 200,
+    threshold: float | None = None,
 ) -> tuple[dict[str, float], EvalResult | None]:
     """Score ``model`` on ``data``: the headline metrics (``summarize``) and the loss, named
     ``<prefix>-<metric>``, and the evaluation itself (None for an empty split, whose metrics
     are NaN).  With ``interval``, its two names get the COVID-19 AUC's patient-bootstrap
     95 % CI over ``n_boot`` resamples, patients resampled under ``boot_keys[patient]``
-    (default: their pseudonyms)."""
+    (default: their pseudonyms).
+
+    Sensitivity and specificity are at ``threshold`` (the federated operating point), which
+    is recorded as ``<prefix>-threshold``; without one they are at 0.5 and named
+    ``sens_covid_at_0.5`` and ``spec_covid_at_0.5``, so that nobody takes them for the
+    operating point's."""
     result = None
     labels, probs, loss = np.zeros(0, np.int64), np.zeros((0, len(GLOBAL_CLASSES))), math.nan
     if len(data) > 0:  # type: ignore[arg-type]
         result = evaluate(model, make_loader(data, batch_size), device)
         labels, probs, loss = result.labels, result.probs, result.loss
-    summary = {**summarize(labels, probs), "loss": loss}
+    summary: dict[str, float] = {
+        **summarize(labels, probs, threshold=0.5 if threshold is None else threshold),
+        "loss": loss,
+    }
+    if threshold is None:
+        for rate in RATES:
+            summary[f"{rate}{AT_HALF}"] = summary.pop(rate)
+    else:
+        summary["threshold"] = float(threshold)
     if interval is not None:
         patients = result.patient_ids if result is not None else []
         boot_ids = [boot_keys[p] for p in patients] if boot_keys is not None else patients

@@ -91,9 +91,7 @@ class DemoInterrupted(Exception):
 def prepare_all(cohort: Path, settings: dict[str, Any]) -> tuple[list[Path], Path]:
     """A cache per site (train/tune/test) and one for the external set (all test)."""
     out = Path(settings["out"])
-    cfg = PrepareConfig(
-        size=settings["size"], fraction=settings["fraction"], normalize=settings["normalize"]
-    )
+    cfg = prepare_config(settings)
     sites = sorted(p for p in (cohort / "sites").iterdir() if p.is_dir())
     jobs = [(site, out / site.name, cfg, site / "labels.csv") for site in sites]
     external = out / EXTERNAL
@@ -108,13 +106,19 @@ def prepare_all(cohort: Path, settings: dict[str, Any]) -> tuple[list[Path], Pat
     return [cache for _, cache, _, _ in jobs[:-1]], external
 
 
+def prepare_config(settings: dict[str, Any]) -> PrepareConfig:
+    """The cache settings of ``[prepare]`` (size, fraction, normalize, lung_crop), defaults
+    for those it leaves out."""
+    return PrepareConfig(**{name: settings[name] for name in RUN_CONFIG_KEYS if name in settings})
+
+
 def demo_run_config(config: dict[str, Any]) -> dict[str, Any]:
     """Synthesize and prepare what ``config`` describes (reusing what is there) and return the
     run-config overrides of its ``[run]`` section with the caches and preprocessing filled in
     (paths absolute)."""
     cohort = ensure_cohort(config["synth"])
     sites, external = prepare_all(cohort, config["prepare"])
-    prepared = config["prepare"]
+    prepared = prepare_config(config["prepare"])
     run = dict(config["run"])
     run.setdefault("run-dir", f"demo/runs/{time.strftime('%Y%m%d-%H%M%S')}")
     return resolve_paths(
@@ -122,7 +126,7 @@ def demo_run_config(config: dict[str, Any]) -> dict[str, Any]:
             **run,
             "site-caches": ",".join(map(str, sites)),
             "external-caches": f"{EXTERNAL}={external}",
-            **{key: prepared[name] for name, key in RUN_CONFIG_KEYS.items()},
+            **{key: getattr(prepared, name) for name, key in RUN_CONFIG_KEYS.items()},
         }
     )
 
