@@ -160,7 +160,8 @@ def evaluate_site(
 ) -> MetricRecord:
     """Score the global model on the instruction's splits (e.g. tune and test).
 
-    Keys ``<split>-<metric>`` for loss, auc_covid, sens_covid, spec_covid, accuracy and n, and
+    Keys ``<split>-<metric>`` for loss, auc_covid, sens_covid_at_0.5, spec_covid_at_0.5 (at a
+    fixed 0.5: the operating point is chosen later, on the pooled histograms), accuracy and n, and
     auc_covid_low / auc_covid_high (the AUC's patient-level bootstrap 95 % CI, 200
     resamples), the same at every site (NaN where a site lacks a class or the split);
     ``num-examples`` is the number of scans scored.  When the instruction asks for score

@@ -43,8 +43,7 @@ METHODS = ("cam", "cam-contrast", "gradxact-16", "gradxact-8", "gradcam-16")
 DEFAULT_METHOD = "gradxact-16"
 # The colour scale's top, in logit units per pixel: evidence at or above it is drawn
 # saturated.  Fixed, so that one colour means the same evidence on every scan: a region of
-# 1 % of a scan's pixels (over all its selected slices) at 100 adds 1 to the logit.  On the
-# demo's model the true positives' strongest 1 % of a slice lies between 40 and 170.
+# 1 % of a scan's pixels (over all its selected slices) at 100 adds 1 to the logit.
 EVIDENCE_SCALE = 100.0
 _SHOWN_FROM = 0.05  # below this share of the scale a pixel is drawn plain
 _MAX_ALPHA = 0.7
