@@ -288,7 +288,13 @@ def prepared_raw(
     cfg = PrepareConfig(**settings, splits=(0.0, 0.0, 1.0), format=fmt, workers=workers)
     with tempfile.TemporaryDirectory(prefix="fedct-prepared-", dir=parent) as tmp:
         result = prepare(
-            data, Path(tmp), cfg, labels=labels, label_map=label_map, progress=progress
+            data,
+            Path(tmp),
+            cfg,
+            labels=labels,
+            label_map=label_map,
+            progress=progress,
+            qa_report=False,
         )
         yield Path(tmp), result
 

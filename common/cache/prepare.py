@@ -160,10 +160,12 @@ def prepare(
     labels: Path | None = None,
     label_map: Path | None = None,
     progress: bool = True,
+    qa_report: bool = True,
 ) -> PrepareResult:
     """Prepare ``input_dir`` into ``cache_dir``, holding the cache's writer lock
     (common/cache/lock.py); raises only for unusable arguments or cache (before writing
-    anything), a cache another process is writing, a failed write (a full disk), or Ctrl-C."""
+    anything), a cache another process is writing, a failed write (a full disk), or Ctrl-C.
+    ``qa_report=False`` leaves out qa.json and qa.html (a temporary cache nobody reads)."""
     norm = parse_normalization(cfg.normalize)
     mapping = load_label_map(label_map)
     table = LabelTable.load(labels) if labels else None
@@ -171,7 +173,7 @@ def prepare(
         raise FileNotFoundError(f"{input_dir}: input folder does not exist")
     with cache_writer(Path(cache_dir)):
         return _prepare(
-            Path(input_dir), Path(cache_dir), cfg, norm, mapping, table, labels, progress
+            Path(input_dir), Path(cache_dir), cfg, norm, mapping, table, labels, progress, qa_report
         )
 
 
@@ -184,6 +186,7 @@ def _prepare(
     table: LabelTable | None,
     labels: Path | None,
     progress: bool,
+    qa_report: bool,
 ) -> PrepareResult:
     began = time.perf_counter()
     existing = _existing_rows(cache_dir)
@@ -267,7 +270,8 @@ def _prepare(
     write_manifest(cache_dir, ordered)
     index.compact({row["scan_id"] for row in ordered})
     seconds = time.perf_counter() - began
-    collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
+    if qa_report:
+        collected.write(cache_dir, ordered, rejections, salt, cfg, seconds, norm)
     return PrepareResult(
         ordered, rejections, reused, seconds, collected.ignored, damaged, removed, moved
     )
