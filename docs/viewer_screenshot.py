@@ -1,11 +1,13 @@
 """Make docs/viewer.png: the viewer's page for a synthetic study, in Debian's chromium.
 
 A synthetic COVID-19 study (``fedct synth``'s phantom, 48 slices at 256²) is written as DICOM
-and zipped; a model card is made for the demo's Lite0 at 128² (ImageNet weights, untrained
-head: the picture shows the page, not a diagnosis); ``fedct serve`` runs on a free loopback
-port, the zip is uploaded through the page, the overlay is set to 50 % and the page captured.
+and zipped; the model is ``--model`` (docs/viewer.png: the demo's picked round, e.g.
+``demo/runs/RUN/round_002.card.json`` after ``make demo``), else a card made for the demo's
+Lite0 at 128² (ImageNet weights, untrained head: the picture then shows the page, not a
+diagnosis); ``fedct serve`` runs on a free loopback port, the zip is uploaded through the
+page, the overlay is set to 70 % and the page captured.
 
-    .venv/bin/python docs/viewer_screenshot.py [--out docs/viewer.png]
+    .venv/bin/python docs/viewer_screenshot.py [--model CARD] [--out docs/viewer.png]
 """
 
 from __future__ import annotations
@@ -74,10 +76,12 @@ def model_card(folder: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("viewer.png"))
+    parser.add_argument("--model", type=Path, help="a trained checkpoint or its card")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        archive, card = study_zip(work / "study"), model_card(work / "run")
+        archive = study_zip(work / "study")
+        card = args.model.resolve() if args.model else model_card(work / "run")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
