@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fedct.client.evaluator.report import run_text
 from fedct.common.cache.lung_mask import outline
 from fedct.common.classes import GLOBAL_CLASSES
 from fedct.common.model.cam import EVIDENCE_SCALE, colour_bar, evidence_slice, overlay
@@ -357,7 +358,7 @@ def _provenance(model: dict[str, Any]) -> str:
     settings = model["cache_settings"]
     rows = [
         ("checkpoint", model["checkpoint"]),
-        ("run, round", f"{model['run'] or '—'}, {model['round']}"),
+        ("run, round", f"{run_text(model['run'])}; round {model['round']}"),
         ("weights sha256", model["sha256"]),
         ("backbone", model["backbone"]),
         (

@@ -54,7 +54,7 @@ def render_report(report: dict[str, Any], cams: dict[str, list[str]]) -> str:
     run = model.get("run") or {}
     overview = [
         ["model card", f"{model['card']} (round {model['round']})"],
-        ["run", _run_text(run)],
+        ["run", run_text(run)],
         ["weights sha256", model["sha256"]],
         ["trained with", _software(model.get("software")) or "not recorded in the card"],
         ["evaluated with", _software(report.get("software"))],
@@ -112,7 +112,8 @@ def _colour_scale(cams: dict[str, list[str]]) -> list[str]:
     ]
 
 
-def _run_text(run: dict[str, Any]) -> str:
+def run_text(run: dict[str, Any] | None) -> str:
+    """The run a model card names (its ``run`` object), in words."""
     if not run:
         return "not recorded in the card"
     return f"run key {run.get('run_key')}, Flower run id {run.get('flower_run_id')}"

@@ -26,6 +26,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Redire
 from starlette.routing import Route
 
 from fedct.client.evaluator.diagnosis_page import NAV_MARK, OPACITY
+from fedct.client.evaluator.report import run_text
 from fedct.client.evaluator.study_input import InputError
 from fedct.client.viewer.jobs import Jobs
 
@@ -210,7 +211,7 @@ def _home_page(jobs: Jobs) -> str:
         decision = "The model card stores no operating point: decisions use an arbitrary 0.5."
     limits = jobs.limits
     body = f"""
-<p>Model {escape(info["checkpoint"])} (run {escape(str(info["run"] or "—"))}, round
+<p>Model {escape(info["checkpoint"])} ({escape(run_text(info["run"]))}; round
 {info["round"]}, sha256 {escape(info["sha256"][:12])}…, {escape(info["backbone"])},
 engine {escape(info["engine"])}). {decision}</p>
 <div class="box"><h2>Diagnose a study</h2>
