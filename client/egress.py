@@ -50,7 +50,7 @@ from flwr.common import log
 from fedct.client.audit_log import AUDIT_FILE, append_line, audit_log_path
 from fedct.client.model_layout import local_entries, model_layout
 from fedct.client.secagg import revealable
-from fedct.client.site_data import declared_name, resolve_site
+from fedct.client.site_data import cache_dir_of, declared_name
 from fedct.client.site_errors import error_reply, issued_errors
 from fedct.common.federation.messages import (
     ARRAYS_RECORD,
@@ -250,9 +250,11 @@ def node_audit_log(context: Context) -> Path | None:
         # A default log lives in the cache, which the guard never creates.
         return path if context.node_config.get("audit-log") or path.parent.is_dir() else None
     try:
-        return resolve_site(context.node_config, context.run_config).cache_dir / AUDIT_FILE
+        cache = cache_dir_of(context.node_config, context.run_config)
     except Exception:  # noqa: BLE001 — the handler names the problem; here there is no log
         return None
+    # Only where the log goes: the handler checks the cache itself (its sha256 once a message).
+    return cache / AUDIT_FILE if cache.is_dir() else None
 
 
 def _parsed(message: Message) -> Instruction | SecAggStage | None:

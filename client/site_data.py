@@ -50,7 +50,8 @@ def _optional_path(text: object) -> Path | None:
     return Path(text).expanduser().resolve() if text else None
 
 
-def _cache_dir(node_config: UserConfig, run_config: UserConfig) -> Path:
+def cache_dir_of(node_config: UserConfig, run_config: UserConfig) -> Path:
+    """The folder of this node's cache, unchecked (:func:`resolve_site` checks it)."""
     cache = _optional_path(node_config.get("data-path"))
     if cache is not None:
         return cache
@@ -104,7 +105,7 @@ def declared_name(node_config: UserConfig, run_config: UserConfig) -> str:
     """The site's name as :func:`resolve_site` gives it, without checking its cache (for
     naming a site whose cache is broken)."""
     try:
-        return str(node_config.get("site") or _cache_dir(node_config, run_config).name)
+        return str(node_config.get("site") or cache_dir_of(node_config, run_config).name)
     except (SiteConfigError, ValueError):
         return f"node-{node_config.get('partition-id', '?')}"
 
@@ -129,7 +130,7 @@ def check_site_cache(cache: Path, run_config: UserConfig) -> int:
 def resolve_site(node_config: UserConfig, run_config: UserConfig) -> Site:
     """The site of this node (see the module docstring), its cache checked;
     :class:`SiteConfigError` if unknown or unusable."""
-    cache = _cache_dir(node_config, run_config)
+    cache = cache_dir_of(node_config, run_config)
     check_site_cache(cache, run_config)
     return Site(
         name=str(node_config.get("site") or cache.name),
